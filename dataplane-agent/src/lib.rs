@@ -1,0 +1,3 @@
+//! The dataplane agent library: the embedded eBPF object, its loader and the typed map readers.
+pub mod loader;
+pub mod stats;

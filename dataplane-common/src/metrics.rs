@@ -1,0 +1,103 @@
+//! Counters the data path keeps in per-CPU arrays (the bpf target has no atomic fetch_add on this
+//! toolchain, so exact counts need per-CPU slots that user space sums).
+
+/// A packets/bytes pair. Values are summed across CPUs by the reader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+crate::impl_pod!(Counter);
+
+/// Why a program dropped a packet. The discriminant is the index into [`DROPS_MAP`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// Shorter than an Ethernet header.
+    TruncatedEthernet = 0,
+    /// IPv4 header cut short, or its total length exceeds the frame.
+    TruncatedIpv4 = 1,
+    /// IHL below 5 or version not 4.
+    BadIpv4Header = 2,
+    /// TCP header cut short, or its data offset is below 5.
+    TruncatedTcp = 3,
+    /// UDP header cut short.
+    TruncatedUdp = 4,
+    /// ICMP header cut short.
+    TruncatedIcmp = 5,
+    /// A Service frontend matched but it has no usable backend.
+    NoBackend = 6,
+    /// A map update failed (map full, or the kernel refused it).
+    MapUpdateFailed = 7,
+    /// A checksum or packet rewrite helper failed.
+    RewriteFailed = 8,
+    /// IPv6 header cut short.
+    TruncatedIpv6 = 9,
+}
+
+impl DropReason {
+    /// Every reason, in index order, for readers that print a table.
+    pub const ALL: [DropReason; 10] = [
+        DropReason::TruncatedEthernet,
+        DropReason::TruncatedIpv4,
+        DropReason::BadIpv4Header,
+        DropReason::TruncatedTcp,
+        DropReason::TruncatedUdp,
+        DropReason::TruncatedIcmp,
+        DropReason::NoBackend,
+        DropReason::MapUpdateFailed,
+        DropReason::RewriteFailed,
+        DropReason::TruncatedIpv6,
+    ];
+
+    /// A stable snake_case name, used as a metrics label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::TruncatedEthernet => "truncated_ethernet",
+            DropReason::TruncatedIpv4 => "truncated_ipv4",
+            DropReason::BadIpv4Header => "bad_ipv4_header",
+            DropReason::TruncatedTcp => "truncated_tcp",
+            DropReason::TruncatedUdp => "truncated_udp",
+            DropReason::TruncatedIcmp => "truncated_icmp",
+            DropReason::NoBackend => "no_backend",
+            DropReason::MapUpdateFailed => "map_update_failed",
+            DropReason::RewriteFailed => "rewrite_failed",
+            DropReason::TruncatedIpv6 => "truncated_ipv6",
+        }
+    }
+}
+
+/// Number of slots in [`DROPS_MAP`]; leaves room for new reasons without a layout change.
+pub const DROP_REASON_SLOTS: u32 = 32;
+const _: () = assert!(DropReason::ALL.len() as u32 <= DROP_REASON_SLOTS);
+
+/// Which attach point saw a packet: the index into [`HOOKS_MAP`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    XdpIngress = 0,
+    TcIngress = 1,
+    TcEgress = 2,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 3] = [Hook::XdpIngress, Hook::TcIngress, Hook::TcEgress];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Hook::XdpIngress => "xdp_ingress",
+            Hook::TcIngress => "tc_ingress",
+            Hook::TcEgress => "tc_egress",
+        }
+    }
+}
+
+/// Number of slots in [`HOOKS_MAP`].
+pub const HOOK_SLOTS: u32 = 8;
+
+/// Per-CPU array of [`Counter`], indexed by [`DropReason`].
+pub const DROPS_MAP: &str = "dp_drops_v1";
+/// Per-CPU array of [`Counter`], indexed by [`Hook`]: every packet each hook saw.
+pub const HOOKS_MAP: &str = "dp_hooks_v1";
