@@ -5,6 +5,9 @@
 //! its field names. Pinned map names carry a version suffix: a layout change gets a new name.
 #![no_std]
 
+pub mod affinity;
+pub mod ct;
+pub mod lb;
 pub mod metrics;
 
 /// Implements `aya::Pod` for map types when the `user` feature is on.

@@ -35,11 +35,17 @@ pub enum DropReason {
     RewriteFailed = 8,
     /// IPv6 header cut short.
     TruncatedIpv6 = 9,
+    /// An externalTrafficPolicy: Local frontend's slot held a backend on another node.
+    NoLocalBackend = 10,
+    /// A conntrack reply entry whose rev-NAT entry is gone: forwarding it would leak the backend.
+    RevNatMissing = 11,
+    /// A service slot names a backend id that is not in the backend map.
+    BackendMissing = 12,
 }
 
 impl DropReason {
     /// Every reason, in index order, for readers that print a table.
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::TruncatedEthernet,
         DropReason::TruncatedIpv4,
         DropReason::BadIpv4Header,
@@ -50,6 +56,9 @@ impl DropReason {
         DropReason::MapUpdateFailed,
         DropReason::RewriteFailed,
         DropReason::TruncatedIpv6,
+        DropReason::NoLocalBackend,
+        DropReason::RevNatMissing,
+        DropReason::BackendMissing,
     ];
 
     /// A stable snake_case name, used as a metrics label.
@@ -65,6 +74,9 @@ impl DropReason {
             DropReason::MapUpdateFailed => "map_update_failed",
             DropReason::RewriteFailed => "rewrite_failed",
             DropReason::TruncatedIpv6 => "truncated_ipv6",
+            DropReason::NoLocalBackend => "no_local_backend",
+            DropReason::RevNatMissing => "rev_nat_missing",
+            DropReason::BackendMissing => "backend_missing",
         }
     }
 }
@@ -80,22 +92,39 @@ pub enum Hook {
     XdpIngress = 0,
     TcIngress = 1,
     TcEgress = 2,
+    SockConnect4 = 3,
+    SockSendmsg4 = 4,
+    SockRecvmsg4 = 5,
+    SockGetpeername4 = 6,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 3] = [Hook::XdpIngress, Hook::TcIngress, Hook::TcEgress];
+    pub const ALL: [Hook; 7] = [
+        Hook::XdpIngress,
+        Hook::TcIngress,
+        Hook::TcEgress,
+        Hook::SockConnect4,
+        Hook::SockSendmsg4,
+        Hook::SockRecvmsg4,
+        Hook::SockGetpeername4,
+    ];
 
     pub const fn name(self) -> &'static str {
         match self {
             Hook::XdpIngress => "xdp_ingress",
             Hook::TcIngress => "tc_ingress",
             Hook::TcEgress => "tc_egress",
+            Hook::SockConnect4 => "sock_connect4",
+            Hook::SockSendmsg4 => "sock_sendmsg4",
+            Hook::SockRecvmsg4 => "sock_recvmsg4",
+            Hook::SockGetpeername4 => "sock_getpeername4",
         }
     }
 }
 
 /// Number of slots in [`HOOKS_MAP`].
 pub const HOOK_SLOTS: u32 = 8;
+const _: () = assert!(Hook::ALL.len() as u32 <= HOOK_SLOTS);
 
 /// Per-CPU array of [`Counter`], indexed by [`DropReason`].
 pub const DROPS_MAP: &str = "dp_drops_v1";

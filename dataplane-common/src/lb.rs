@@ -1,0 +1,198 @@
+//! Service load-balancing tables, shaped like cilium's `bpf/lib/lb.h`.
+//!
+//! A frontend (address, port, protocol, scope) maps to a [`Service`] entry that says how many
+//! backends it has; its backends sit in numbered slots `(svc_id, slot) -> backend id`, and each
+//! backend id maps to a [`Backend`]. A reverse-NAT id per frontend lets replies (and socket
+//! `recvmsg`/`getpeername`) be rewritten back to the frontend, and is stored in conntrack entries.
+//!
+//! Every address-carrying type is generic over the address representation `A` ([`Ip4`] now,
+//! [`Ip6`] later), so IPv6 is a second instance of the same layout with its own pinned names.
+//! All fields are 1-, 2- or 4-byte aligned so that no instance has implicit padding.
+
+/// An IPv4 address in network byte order, as the kernel hands it to programs.
+pub type Ip4 = u32;
+/// An IPv6 address in network byte order, four big-endian words (`in6_addr` as the kernel sees it).
+pub type Ip6 = [u32; 4];
+
+/// `scope` of a [`FrontendKey`]: the entry external traffic uses (and all traffic, unless the
+/// service has [`SVC_FLAG_TWO_SCOPES`]).
+pub const SCOPE_EXT: u8 = 0;
+/// `scope` of a [`FrontendKey`]: the entry for traffic from inside the cluster (pods, the node
+/// itself), present only when the external and internal backend sets differ (eTP/iTP Local).
+pub const SCOPE_INT: u8 = 1;
+
+/// A frontend: the address, port and protocol clients connect to. NodePort frontends use the
+/// address 0 ("any node address"); the programs check the node addresses and the NodePort range
+/// they are configured with at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FrontendKey<A> {
+    pub addr: A,
+    pub port_be: u16,
+    /// IPPROTO_TCP / IPPROTO_UDP / IPPROTO_SCTP.
+    pub proto: u8,
+    /// [`SCOPE_EXT`] or [`SCOPE_INT`].
+    pub scope: u8,
+}
+const _: () = assert!(core::mem::size_of::<FrontendKey<Ip4>>() == 8);
+const _: () = assert!(core::mem::size_of::<FrontendKey<Ip6>>() == 20);
+
+/// Service kinds (the `kind` byte of [`Service`]).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceKind {
+    ClusterIp = 0,
+    NodePort = 1,
+    LoadBalancer = 2,
+    ExternalIp = 3,
+}
+
+impl ServiceKind {
+    pub const fn from_u8(v: u8) -> Option<ServiceKind> {
+        match v {
+            0 => Some(ServiceKind::ClusterIp),
+            1 => Some(ServiceKind::NodePort),
+            2 => Some(ServiceKind::LoadBalancer),
+            3 => Some(ServiceKind::ExternalIp),
+            _ => None,
+        }
+    }
+}
+
+/// externalTrafficPolicy: Local. External traffic keeps its client address (no SNAT) and the
+/// external-scope slots hold only node-local backends; the programs refuse a non-local one.
+pub const SVC_FLAG_EXT_LOCAL: u8 = 1 << 0;
+/// internalTrafficPolicy: Local. The internal-scope slots hold only node-local backends.
+pub const SVC_FLAG_INT_LOCAL: u8 = 1 << 1;
+/// An entry with [`SCOPE_INT`] exists for this frontend; internal traffic must use it.
+pub const SVC_FLAG_TWO_SCOPES: u8 = 1 << 2;
+
+/// The service entry a frontend maps to.
+///
+/// Backend slots `0 .. active` hold ready backends; slots `active .. active + terminating` hold
+/// backends that are serving but terminating, used only when there is no ready one (as
+/// kube-proxy does). Both zero: the service has no usable endpoint (connect is refused).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Names this entry's slots in the slot map (unique per frontend and scope).
+    pub svc_id: u32,
+    pub active: u16,
+    pub terminating: u16,
+    /// sessionAffinity ClientIP timeout in seconds; 0 = no affinity.
+    pub affinity_timeout_s: u32,
+    /// Key of the reverse-NAT entry (and the per-service counter slot).
+    pub rev_nat_id: u32,
+    /// A [`ServiceKind`] as `u8`.
+    pub kind: u8,
+    /// `SVC_FLAG_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<Service>() == 20);
+
+/// Key of the slot map: slot `slot` of service `svc_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SlotKey {
+    pub svc_id: u32,
+    pub slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<SlotKey>() == 8);
+
+/// `state` of a [`Backend`].
+pub const BACKEND_ACTIVE: u8 = 0;
+pub const BACKEND_TERMINATING: u8 = 1;
+
+/// The backend is on this node (its traffic needs no SNAT and is allowed under eTP Local).
+pub const BACKEND_FLAG_LOCAL: u8 = 1 << 0;
+
+/// A backend, by id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend<A> {
+    pub addr: A,
+    pub port_be: u16,
+    /// `BACKEND_FLAG_*` bits.
+    pub flags: u8,
+    /// [`BACKEND_ACTIVE`] or [`BACKEND_TERMINATING`].
+    pub state: u8,
+}
+const _: () = assert!(core::mem::size_of::<Backend<Ip4>>() == 8);
+const _: () = assert!(core::mem::size_of::<Backend<Ip6>>() == 20);
+
+/// What a reply is rewritten back to: the frontend. A NodePort frontend has address 0 here; its
+/// replies take the node address the request arrived on from the conntrack entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevNat<A> {
+    pub addr: A,
+    pub port_be: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<RevNat<Ip4>>() == 8);
+const _: () = assert!(core::mem::size_of::<RevNat<Ip6>>() == 20);
+
+/// Key of the socket reverse-NAT map: a socket (its cookie) and the backend it was sent to, so
+/// that `recvmsg` and `getpeername` can show the service address instead of the backend.
+/// The cookie is two words so that the IPv6 instance has no padding either.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevKey<A> {
+    pub cookie: [u32; 2],
+    pub addr: A,
+    pub port_be: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<SockRevKey<Ip4>>() == 16);
+const _: () = assert!(core::mem::size_of::<SockRevKey<Ip6>>() == 28);
+
+/// The frontend a socket's backend address is shown as.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRev<A> {
+    pub addr: A,
+    pub port_be: u16,
+    pub _pad: [u8; 2],
+    pub rev_nat_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockRev<Ip4>>() == 12);
+const _: () = assert!(core::mem::size_of::<SockRev<Ip6>>() == 24);
+
+/// Splits a 64-bit cookie into the two words the map keys carry.
+pub const fn cookie_words(cookie: u64) -> [u32; 2] {
+    [cookie as u32, (cookie >> 32) as u32]
+}
+
+/// Capacities. Service tables are allocated on demand (`BPF_F_NO_PREALLOC`): they are written by
+/// the agent and only read per packet.
+pub const FRONTENDS_MAX: u32 = 262_144;
+pub const SLOTS_MAX: u32 = 1_048_576;
+pub const BACKENDS_MAX: u32 = 262_144;
+pub const REV_NAT_MAX: u32 = 262_144;
+/// Per-service counters are an array indexed by rev-NAT id, so ids must stay below this.
+pub const SERVICE_STATS_MAX: u32 = 262_144;
+pub const SOCK_REV_MAX: u32 = 65_536;
+
+pub const FRONTENDS4_MAP: &str = "lb4_fe_v1";
+pub const SLOTS4_MAP: &str = "lb4_slots_v1";
+pub const BACKENDS4_MAP: &str = "lb4_be_v1";
+pub const REV_NAT4_MAP: &str = "lb4_revnat_v1";
+pub const SOCK_REV4_MAP: &str = "lb4_sknat_v1";
+/// Per-CPU array of [`crate::metrics::Counter`] indexed by rev-NAT id (family-independent).
+pub const SERVICE_STATS_MAP: &str = "lb_svc_stats_v1";
+
+crate::impl_pod!(
+    FrontendKey<Ip4>,
+    FrontendKey<Ip6>,
+    Service,
+    SlotKey,
+    Backend<Ip4>,
+    Backend<Ip6>,
+    RevNat<Ip4>,
+    RevNat<Ip6>,
+    SockRevKey<Ip4>,
+    SockRevKey<Ip6>,
+    SockRev<Ip4>,
+    SockRev<Ip6>,
+);
