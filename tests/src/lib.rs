@@ -5,6 +5,7 @@
 //! Safety rules (../shared/DESIGN.md): nothing here ever touches an interface of the root network
 //! namespace or the root cgroup. Every object gets a unique name `dpt-<pid>-<n>` and is removed on
 //! drop, also when the test panics; [`sweep::sweep_leftovers`] removes what a killed run left.
+pub mod bench;
 pub mod bpffs;
 pub mod cgroup;
 pub mod cmd;

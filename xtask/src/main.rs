@@ -1,1 +1,68 @@
-fn main(){}
+//! `cargo xtask <command>`: set-up, tests, the demo and benchmarks.
+//!
+//! xtask depends on nothing that needs the eBPF toolchain, so it builds on a fresh machine before
+//! `setup` has installed bpf-linker and friends.
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, test, demo and benchmark the dataplane", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what this machine lacks (Debian packages, bpf-linker, rust-src); skips what is there.
+    Setup,
+    /// Set up, then build everything including the eBPF object.
+    Build {
+        /// Build in release mode.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, then run every test: unit tests first, then the kernel and integration tests.
+    Test {
+        /// Extra arguments passed to each `cargo nextest run` (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run the demo: real traffic through the data plane in test namespaces.
+    Demo,
+    /// Run a benchmark in release mode and write target/bench/<name>.json.
+    Bench {
+        /// Which benchmark.
+        #[arg(value_enum)]
+        name: bench::Name,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    util::prepare_env();
+    match cli.command {
+        Command::Setup => setup::run(),
+        Command::Build { release } => {
+            setup::run()?;
+            util::cargo(&["build"], release)
+        }
+        Command::Test { args } => {
+            setup::run()?;
+            test::run(&args)
+        }
+        Command::Demo => {
+            setup::run()?;
+            demo::run()
+        }
+        Command::Bench { name } => {
+            setup::run()?;
+            bench::run(name)
+        }
+    }
+}
