@@ -1,3 +1,4 @@
 //! The dataplane agent library: the embedded eBPF object, its loader and the typed map readers.
 pub mod loader;
 pub mod stats;
+pub mod model;
