@@ -2,3 +2,5 @@
 pub mod loader;
 pub mod stats;
 pub mod model;
+pub mod errors;
+pub mod source;

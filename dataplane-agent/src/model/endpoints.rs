@@ -2,6 +2,7 @@
 //! (pkg/proxy/endpointslicecache.go and topology.go `CategorizeEndpoints`).
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -20,9 +21,9 @@ pub(super) struct Endpoint {
 }
 
 impl<'a> SliceIndex<'a> {
-    pub fn new(slices: &'a [EndpointSlice], proxy_name: Option<&str>) -> Self {
+    pub fn new(slices: &'a [Arc<EndpointSlice>], proxy_name: Option<&str>) -> Self {
         let mut by_service: HashMap<_, Vec<&EndpointSlice>> = HashMap::new();
-        for slice in slices {
+        for slice in slices.iter().map(|s| &**s) {
             let labels = slice.metadata.labels.as_ref();
             if !is_ours(labels, proxy_name) {
                 continue;
@@ -110,8 +111,20 @@ pub(super) struct Categorized {
     pub topology_filtered: bool,
 }
 
+/// kube-proxy runs one proxier per IP family, so the fallbacks and the topology decision are
+/// taken per family: IPv6 endpoints without hints must not turn off hints for IPv4.
+pub(super) fn categorize_per_family(endpoints: &[Endpoint], uses_cluster: bool, uses_local: bool, zone: Option<&str>) -> Categorized {
+    let (v4, v6): (Vec<Endpoint>, Vec<Endpoint>) = endpoints.iter().cloned().partition(|e| e.backend.addr.is_ipv4());
+    let mut out = categorize(&v4, uses_cluster, uses_local, zone);
+    let six = categorize(&v6, uses_cluster, uses_local, zone);
+    out.cluster.extend(six.cluster);
+    out.local.extend(six.local);
+    out.topology_filtered |= six.topology_filtered;
+    out
+}
+
 /// `uses_cluster`: some frontend follows a Cluster policy; `uses_local`: some frontend follows Local.
-pub(super) fn categorize(endpoints: &[Endpoint], uses_cluster: bool, uses_local: bool, zone: Option<&str>) -> Categorized {
+fn categorize(endpoints: &[Endpoint], uses_cluster: bool, uses_local: bool, zone: Option<&str>) -> Categorized {
     let mut out = Categorized::default();
     let pick = |f: &dyn Fn(&Endpoint) -> bool| -> Vec<Backend> {
         endpoints.iter().filter(|e| f(e)).map(|e| e.backend.clone()).collect()

@@ -1,6 +1,7 @@
 //! Nodes: their addresses (NodePort frontends, routes) and podCIDRs (routes, the CNI node file).
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
@@ -20,7 +21,7 @@ pub struct NodeState {
 
 /// Unparseable addresses and CIDRs are skipped: the API server validates both, so this only
 /// guards against hand-written manifests, and one bad entry must not hide the Node's others.
-pub(super) fn nodes(nodes: &[Node]) -> BTreeMap<String, NodeState> {
+pub(super) fn nodes(nodes: &[Arc<Node>]) -> BTreeMap<String, NodeState> {
     nodes
         .iter()
         .filter_map(|n| Some((n.metadata.name.clone()?, node_state(n))))

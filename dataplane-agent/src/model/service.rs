@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 
-use super::endpoints::{SliceIndex, categorize, parse_protocol};
+use super::endpoints::{SliceIndex, categorize_per_family, parse_protocol};
 use super::{Frontend, FrontendScope, Protocol, ServiceKind, ServiceName, ServicePortState, ServiceState};
 
 /// kube-proxy's default and the API server's bounds for `sessionAffinityConfig.clientIP.timeoutSeconds`.
@@ -194,9 +194,9 @@ pub(super) fn build(
         let endpoints = slices.endpoints(name, &port_name, protocol, ctx.node_name);
         let chosen = if kind == ServiceKind::Headless {
             // DNS answers with the ready endpoints; no traffic policy or topology applies.
-            categorize(&endpoints, true, false, None)
+            categorize_per_family(&endpoints, true, false, None)
         } else {
-            categorize(&endpoints, uses_cluster, uses_local, ctx.zone)
+            categorize_per_family(&endpoints, uses_cluster, uses_local, ctx.zone)
         };
         out_ports.push(ServicePortState {
             name: port_name,

@@ -59,9 +59,9 @@ fn objects(values: Vec<Value>) -> ClusterObjects {
     let mut o = ClusterObjects::default();
     for v in values {
         match v["kind"].as_str().unwrap() {
-            "Service" => o.services.push(serde_json::from_value(v).unwrap()),
-            "EndpointSlice" => o.endpoint_slices.push(serde_json::from_value(v).unwrap()),
-            "Node" => o.nodes.push(serde_json::from_value(v).unwrap()),
+            "Service" => o.services.push(Arc::new(serde_json::from_value(v).unwrap())),
+            "EndpointSlice" => o.endpoint_slices.push(Arc::new(serde_json::from_value(v).unwrap())),
+            "Node" => o.nodes.push(Arc::new(serde_json::from_value(v).unwrap())),
             k => panic!("unexpected kind {k}"),
         }
     }
@@ -361,6 +361,19 @@ fn cases() -> Vec<Case> {
                 slice("web-6", "web", "IPv6", json!([tcp("http", 8080)]), vec![ep("fd00:244:1::5", "node-b", ""), ep("10.244.1.99", "node-b", "")]),
             ],
             expect: &["default/web ClusterIP http/TCP:80 fe=[10.96.0.10:80 ClusterIP, [fd00:96::10]:80 ClusterIP] cluster=[10.244.1.5:8080 [fd00:244:1::5]:8080]"],
+        },
+        Case {
+            name: "dual-stack topology is decided per family: hinted IPv4 filtered, unhinted IPv6 not",
+            objects: vec![
+                this_node(),
+                svc("web", json!({"clusterIPs": ["10.96.0.10", "fd00:96::10"], "ports": [{"name": "http", "port": 80}]})),
+                slice("web-4", "web", "IPv4", json!([tcp("http", 8080)]), vec![
+                    with(ep("10.244.0.5", NODE, ""), "hints", json!({"forZones": [{"name": "zone-a"}]})),
+                    with(ep("10.244.1.5", "node-b", ""), "hints", json!({"forZones": [{"name": "zone-b"}]})),
+                ]),
+                slice("web-6", "web", "IPv6", json!([tcp("http", 8080)]), vec![ep("fd00:244:1::5", "node-b", "")]),
+            ],
+            expect: &["default/web ClusterIP http/TCP:80 topology fe=[10.96.0.10:80 ClusterIP, [fd00:96::10]:80 ClusterIP] cluster=[10.244.0.5:8080L [fd00:244:1::5]:8080]"],
         },
         Case {
             name: "FQDN slices are not proxied",

@@ -1,0 +1,161 @@
+//! Standalone source: Kubernetes YAML (or JSON) files in a directory, several documents per file,
+//! `kind: List` accepted (what `kubectl get -o yaml` writes). Re-read when a file changes; a file
+//! that does not parse is reported and the last good state is kept, as a whole: a half-applied
+//! directory could drop Services whose objects sit in the broken file.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+
+use super::{Publisher, SourceState};
+use crate::model::ClusterObjects;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("reading manifest directory {dir}")]
+    ReadDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading {path}")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not valid YAML")]
+    Yaml {
+        path: PathBuf,
+        #[source]
+        source: Box<serde_saphyr::Error>,
+    },
+    #[error("{path}: document {index} has no `kind`")]
+    MissingKind { path: PathBuf, index: usize },
+    #[error("{path}: document {index} ({kind} {name:?}) does not match the {kind} schema")]
+    Schema {
+        path: PathBuf,
+        index: usize,
+        kind: String,
+        name: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Reads every `*.yaml`, `*.yml` and `*.json` file directly in `dir`, in name order.
+/// Kinds other than Service, EndpointSlice and Node are ignored (a directory may hold a whole app).
+pub fn load_dir(dir: &Path) -> Result<ClusterObjects, ManifestError> {
+    let mut objects = ClusterObjects::default();
+    for path in manifest_files(dir)? {
+        let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::ReadFile { path: path.clone(), source })?;
+        add_documents(&path, &text, &mut objects)?;
+    }
+    Ok(objects)
+}
+
+fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
+    let read_err = |source| ManifestError::ReadDir { dir: dir.to_path_buf(), source };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(read_err)? {
+        let path = entry.map_err(read_err)?.path();
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        // Editors' swap and backup files have other extensions and are skipped.
+        if matches!(ext, "yaml" | "yml" | "json") && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Parses one file's documents into `objects`.
+pub fn add_documents(path: &Path, text: &str, objects: &mut ClusterObjects) -> Result<(), ManifestError> {
+    let docs: Vec<Value> = serde_saphyr::from_multiple(text)
+        .map_err(|e| ManifestError::Yaml { path: path.to_path_buf(), source: Box::new(e) })?;
+    let mut index = 0;
+    for doc in docs {
+        index += 1;
+        if doc.is_null() {
+            continue; // an empty document, e.g. a trailing `---`
+        }
+        let items = if doc.get("kind").and_then(Value::as_str) == Some("List") {
+            doc.get("items").and_then(Value::as_array).cloned().unwrap_or_default()
+        } else {
+            vec![doc]
+        };
+        for item in items {
+            add_object(path, index, item, objects)?;
+        }
+    }
+    Ok(())
+}
+
+fn add_object(path: &Path, index: usize, doc: Value, objects: &mut ClusterObjects) -> Result<(), ManifestError> {
+    let kind = doc
+        .get("kind")
+        .and_then(Value::as_str)
+        .ok_or(ManifestError::MissingKind { path: path.to_path_buf(), index })?
+        .to_string();
+    let name = doc.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
+    let schema = |source| ManifestError::Schema { path: path.to_path_buf(), index, kind: kind.clone(), name: name.clone(), source };
+    match kind.as_str() {
+        "Service" => objects.services.push(Arc::new(serde_json::from_value(doc).map_err(schema)?)),
+        "EndpointSlice" => objects.endpoint_slices.push(Arc::new(serde_json::from_value(doc).map_err(schema)?)),
+        "Node" => objects.nodes.push(Arc::new(serde_json::from_value(doc).map_err(schema)?)),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// What identifies the directory's content cheaply: each file's name, size, mtime and inode
+/// (an editor that writes a new file and renames it over the old one changes the inode).
+fn fingerprint(dir: &Path) -> Result<Vec<(PathBuf, u64, Option<SystemTime>, u64)>, ManifestError> {
+    use std::os::unix::fs::MetadataExt;
+    manifest_files(dir)?
+        .into_iter()
+        .map(|p| {
+            let md = std::fs::metadata(&p).map_err(|source| ManifestError::ReadFile { path: p.clone(), source })?;
+            Ok((p, md.len(), md.modified().ok(), md.ino()))
+        })
+        .collect()
+}
+
+/// Polls `dir` every `interval` and publishes a new snapshot whenever its content changed.
+/// Polling (rather than inotify) also works on the bind mounts and ConfigMap volumes where the
+/// files are swapped by symlink, and costs a few `stat` calls per interval.
+pub async fn run(dir: PathBuf, interval: Duration, tx: Publisher) {
+    let mut last_fp = None;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let fp = fingerprint(&dir).map_err(|e| e.to_string());
+        if fp.is_ok() && last_fp.as_ref() == Some(&fp) {
+            continue;
+        }
+        let result = load_dir(&dir);
+        publish(&tx, result);
+        last_fp = Some(fp);
+        if tx.is_closed() {
+            return;
+        }
+    }
+}
+
+/// Applies one read attempt to the published state: success replaces the objects, failure only
+/// records the error so the data plane keeps the last good state.
+pub fn publish(tx: &Publisher, result: Result<ClusterObjects, ManifestError>) {
+    tx.send_modify(|state: &mut SourceState| match result {
+        Ok(objects) => {
+            state.objects = Some(Arc::new(objects));
+            state.last_error = None;
+        }
+        Err(e) => {
+            let msg = crate::errors::error_chain(&e);
+            tracing::warn!(error = %msg, "manifests not applied; keeping the last good state");
+            state.last_error = Some(msg);
+        }
+    });
+}

@@ -1,0 +1,27 @@
+//! Where the cluster objects come from: the API server (`kube`) or YAML files on disk
+//! (`manifests`). Both publish complete snapshots on a `watch` channel; `None` until the first
+//! full list (or read) is done, so nothing is programmed from a partial view.
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::model::ClusterObjects;
+
+pub mod kube;
+pub mod manifests;
+
+/// What a source publishes.
+#[derive(Debug, Clone, Default)]
+pub struct SourceState {
+    /// The last complete, valid set of objects; `None` before the first one.
+    pub objects: Option<Arc<ClusterObjects>>,
+    /// Set when the newest attempt failed; `objects` still holds the last good set.
+    pub last_error: Option<String>,
+}
+
+pub type Publisher = watch::Sender<SourceState>;
+pub type Subscriber = watch::Receiver<SourceState>;
+
+pub fn channel() -> (Publisher, Subscriber) {
+    watch::channel(SourceState::default())
+}

@@ -1,0 +1,98 @@
+//! The standalone source: reading a directory of YAML, re-reading on change, and keeping the
+//! last good state when a file is broken.
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use dataplane_agent::source::{self, manifests};
+
+/// A scratch directory removed on drop, unique per test process and call.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!("dpt-{}-{}-manifests", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn write(&self, name: &str, text: &str) {
+        // Write-then-rename, as editors and ConfigMap volumes do, so the reader never sees half a file.
+        let tmp = self.0.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.0.join(name)).unwrap();
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const SVC_A: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: default}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+const SVC_B: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: default}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n";
+
+fn names(state: &source::SourceState) -> Vec<String> {
+    let mut v: Vec<String> =
+        state.objects.as_ref().unwrap().services.iter().map(|s| s.metadata.name.clone().unwrap()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn reads_multi_document_files_lists_and_ignores_other_kinds() {
+    let dir = TempDir::new();
+    dir.write("1.yaml", &format!("{SVC_A}---\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: x}}\n"));
+    dir.write("2.yml", &format!("apiVersion: v1\nkind: List\nitems:\n- {}", SVC_B.replace('\n', "\n  ")));
+    dir.write("notes.txt", "not a manifest");
+    let objects = manifests::load_dir(&dir.0).unwrap();
+    assert_eq!(objects.services.len(), 2);
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let cases: &[(&str, &str)] = &[
+        ("key: [unclosed", "not valid YAML"),
+        ("apiVersion: v1\nmetadata: {name: x}\n", "document 1 has no `kind`"),
+        ("apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: 80}\n", "document 1 (Service \"x\") does not match the Service schema"),
+    ];
+    for (text, want) in cases {
+        let dir = TempDir::new();
+        dir.write("bad.yaml", text);
+        let err = manifests::load_dir(&dir.0).unwrap_err().to_string();
+        assert!(err.contains(want) && err.contains("bad.yaml"), "{text:?}: got {err:?}, want {want:?}");
+    }
+    let missing = manifests::load_dir(std::path::Path::new("/nonexistent/dpt-manifests")).unwrap_err();
+    assert!(missing.to_string().contains("reading manifest directory"), "{missing}");
+}
+
+async fn next(rx: &mut source::Subscriber) -> source::SourceState {
+    tokio::time::timeout(Duration::from_secs(5), rx.changed()).await.expect("no update within 5s").unwrap();
+    rx.borrow_and_update().clone()
+}
+
+#[tokio::test]
+async fn rereads_on_change_and_keeps_last_good_state_on_bad_yaml() {
+    let dir = TempDir::new();
+    dir.write("svc.yaml", SVC_A);
+    let (tx, mut rx) = source::channel();
+    let task = tokio::spawn(manifests::run(dir.0.clone(), Duration::from_millis(20), tx));
+    let first = next(&mut rx).await;
+    assert_eq!(names(&first), ["a"]);
+
+    dir.write("svc.yaml", &format!("{SVC_A}---\n{SVC_B}"));
+    let mut state = next(&mut rx).await;
+    assert_eq!(names(&state), ["a", "b"]);
+
+    dir.write("svc.yaml", "kind: Service\nspec: [oops");
+    state = next(&mut rx).await;
+    assert!(state.last_error.as_deref().unwrap().contains("not valid YAML"), "{:?}", state.last_error);
+    assert_eq!(names(&state), ["a", "b"], "a broken file must not change the published objects");
+
+    dir.write("svc.yaml", SVC_B);
+    state = next(&mut rx).await;
+    assert_eq!(names(&state), ["b"]);
+    assert!(state.last_error.is_none());
+    task.abort();
+}
