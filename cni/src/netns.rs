@@ -203,9 +203,14 @@ impl Netlink {
                 .output_interface(link.index)
                 .onlink()
                 .build();
-            self.rt
-                .block_on(self.handle.route().add(route).execute())
-                .map_err(nl_err(format!("add default route via {gw} on {ifname}")))?;
+            match self.rt.block_on(self.handle.route().add(route).execute()) {
+                Ok(()) => {}
+                // A second attachment of the same Pod: the first one keeps the default route.
+                Err(e) if errno(&e) == Some(libc::EEXIST) => {
+                    tracing::warn!("{ifname}: the Pod already has a default route; not adding one via {gw}");
+                }
+                Err(e) => return Err(nl_err(format!("add default route via {gw} on {ifname}"))(e)),
+            }
         }
         Ok(link)
     }
