@@ -136,12 +136,30 @@ impl Node {
     pub fn snapshot(&self, pods: &[&NetNs]) -> String {
         let mut s = format!("{:?}\n", self.allocations());
         for ns in std::iter::once(&self.ns).chain(pods.iter().copied()) {
-            for args in [&["-o", "link"][..], &["-o", "addr"], &["route"], &["-6", "route"], &["neigh"]] {
-                s.push_str(&ns.ip(args));
-            }
+            s.push_str(&kernel_state(ns));
         }
         s
     }
+}
+
+/// What the plugin configures in a namespace, without what the kernel changes on its own after a
+/// link comes up (carrier, operstate, tentative link-local addresses).
+pub fn kernel_state(ns: &NetNs) -> String {
+    let mut s = String::new();
+    let links: Value = serde_json::from_str(&ns.ip(&["-j", "-d", "link"])).unwrap();
+    for l in links.as_array().unwrap() {
+        s.push_str(&format!("link {} {} mtu {} {}\n", l["ifname"], l["address"], l["mtu"], l["linkinfo"]["info_kind"]));
+    }
+    let addrs: Value = serde_json::from_str(&ns.ip(&["-j", "addr"])).unwrap();
+    for l in addrs.as_array().unwrap() {
+        for a in l["addr_info"].as_array().unwrap().iter().filter(|a| a["scope"] != "link") {
+            s.push_str(&format!("addr {} {}/{}\n", l["ifname"], a["local"], a["prefixlen"]));
+        }
+    }
+    s.push_str(&ns.ip(&["route"]));
+    s.push_str(&ns.ip(&["-6", "route"]));
+    s.extend(ns.ip(&["neigh"]).lines().filter(|l| l.contains("PERMANENT")).map(|l| format!("{l}\n")));
+    s
 }
 
 pub fn links(ns: &NetNs) -> Vec<String> {
