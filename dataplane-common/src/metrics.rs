@@ -41,11 +41,13 @@ pub enum DropReason {
     RevNatMissing = 11,
     /// A service slot names a backend id that is not in the backend map.
     BackendMissing = 12,
+    /// A new flow's reply tuple (after SNAT) is already taken by another flow.
+    SnatCollision = 13,
 }
 
 impl DropReason {
     /// Every reason, in index order, for readers that print a table.
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::TruncatedEthernet,
         DropReason::TruncatedIpv4,
         DropReason::BadIpv4Header,
@@ -59,6 +61,7 @@ impl DropReason {
         DropReason::NoLocalBackend,
         DropReason::RevNatMissing,
         DropReason::BackendMissing,
+        DropReason::SnatCollision,
     ];
 
     /// A stable snake_case name, used as a metrics label.
@@ -77,6 +80,7 @@ impl DropReason {
             DropReason::NoLocalBackend => "no_local_backend",
             DropReason::RevNatMissing => "rev_nat_missing",
             DropReason::BackendMissing => "backend_missing",
+            DropReason::SnatCollision => "snat_collision",
         }
     }
 }

@@ -1,10 +1,17 @@
 //! The data plane's eBPF programs, one object for every attach point.
 //!
-//! Logic is split by concern (`parse`, `stats`), with one thin entry per attach point (`xdp`, `tc`).
+//! Logic is split by concern the way cilium splits `bpf/lib/*.h` (`parse`, `csum`, `lb`, `nat`,
+//! `maps`, `cfg`, `stats`), with one thin entry module per attach point (`xdp`, `tc`, `sock`).
 #![no_std]
 #![no_main]
 
+mod cfg;
+mod csum;
+mod lb;
+mod maps;
+mod nat;
 mod parse;
+mod sock;
 mod stats;
 mod tc;
 mod xdp;

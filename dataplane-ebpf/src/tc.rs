@@ -1,4 +1,7 @@
-//! TC on pod veths and the uplink (ingress and egress).
+//! TC programs. `dp_tc_ingress` sits on the host side of each pod's veth (packets leaving the
+//! pod): ClusterIP load balancing for what the socket hooks did not translate, conntrack, reverse
+//! NAT of backend replies, hairpin. `dp_tc_uplink` is the same path for the uplink where XDP cannot
+//! run. `dp_tc_egress` only counts.
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
@@ -7,30 +10,35 @@ use aya_ebpf::{
 use dataplane_common::metrics::{DropReason, Hook};
 
 use crate::{
-    parse::{self, Window},
+    nat::{self, Origin},
+    parse::{self, L3, Window},
     stats,
 };
 
 #[classifier]
 pub fn dp_tc_ingress(ctx: TcContext) -> i32 {
-    run(&ctx, Hook::TcIngress)
+    run(&ctx, Hook::TcIngress, Some(Origin::Internal))
+}
+
+#[classifier]
+pub fn dp_tc_uplink(ctx: TcContext) -> i32 {
+    run(&ctx, Hook::TcIngress, Some(Origin::External))
 }
 
 #[classifier]
 pub fn dp_tc_egress(ctx: TcContext) -> i32 {
-    run(&ctx, Hook::TcEgress)
+    run(&ctx, Hook::TcEgress, None)
 }
 
 #[inline(always)]
-fn run(ctx: &TcContext, hook: Hook) -> i32 {
+fn run(ctx: &TcContext, hook: Hook, origin: Option<Origin>) -> i32 {
     let len = ctx.len() as u64;
     stats::count_hook(hook, len);
     // Headers of a GSO or paged skb may sit outside the linear area: pull what the parser reads
     // (Ethernet + the largest IPv4 and TCP headers). Failure only means a shorter frame, which
     // the parser's bounds checks then judge.
     let _ = ctx.pull_data(core::cmp::min(ctx.len(), parse::MAX_HEADERS as u32));
-    let w = Window { data: ctx.data(), data_end: ctx.data_end() };
-    match try_tc(w, len as usize) {
+    match try_tc(ctx, len, origin) {
         Ok(verdict) => verdict,
         Err(reason) => {
             stats::count_drop(reason, len);
@@ -40,7 +48,13 @@ fn run(ctx: &TcContext, hook: Hook) -> i32 {
 }
 
 #[inline(always)]
-fn try_tc(w: Window, frame_len: usize) -> Result<i32, DropReason> {
-    let _l3 = parse::parse(w, frame_len)?;
+fn try_tc(ctx: &TcContext, len: u64, origin: Option<Origin>) -> Result<i32, DropReason> {
+    let w = Window { data: ctx.data(), data_end: ctx.data_end() };
+    let l3 = parse::parse(w, len as usize)?;
+    if let (L3::Ipv4(meta), Some(origin)) = (l3, origin) {
+        // Every outcome continues through the stack: TC forwards nothing itself (a SNATed
+        // external reply at TC is the XDP-less fallback, routed by the stack).
+        nat::handle(ctx, &meta, origin, len)?;
+    }
     Ok(TC_ACT_OK)
 }

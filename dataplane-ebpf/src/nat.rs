@@ -1,0 +1,190 @@
+//! The per-packet service path: reverse NAT of replies, conntrack hits, and new connections to a
+//! frontend (backend selection, DNAT, SNAT when needed). Shared by XDP on the uplink and TC.
+use dataplane_common::{
+    affinity::AffinityKey,
+    ct::{CT_FLAG_EXTERNAL, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY, CtEntry, CtKey},
+    lb::{BACKEND_FLAG_LOCAL, ServiceKind, SVC_FLAG_EXT_LOCAL},
+    metrics::DropReason,
+};
+
+use crate::{
+    cfg,
+    csum::{IP_DADDR_OFF, IP_SADDR_OFF, L4Csum, Rewrite},
+    lb,
+    maps::{Family, V4, count_service},
+    parse::{IPPROTO_TCP, IPPROTO_UDP, Ipv4Meta},
+};
+
+/// What the service path did to a packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not service traffic (or not translatable): left as it was.
+    Untouched,
+    /// Rewritten; the local stack routes it on (DNAT to a local or routed backend, reverse NAT
+    /// towards a local client).
+    Translated,
+    /// Rewritten with a node source or towards an external client: the stack would drop it as a
+    /// martian (its source is a local address), so the caller forwards it itself (XDP: FIB lookup
+    /// and redirect).
+    Forward,
+}
+
+/// Where the traffic came from: the uplink (NodePort/LB/externalIP only, eTP applies) or a pod
+/// / the node (any frontend kind, iTP applies, hairpin possible).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    External,
+    Internal,
+}
+
+type Addr = <V4 as Family>::Addr;
+
+#[inline(always)]
+fn ct_key(m: &Ipv4Meta, dir: u8) -> CtKey<Addr> {
+    CtKey { saddr: m.saddr_be, daddr: m.daddr_be, sport_be: m.sport_be, dport_be: m.dport_be, proto: m.proto, dir, _pad: [0; 2] }
+}
+
+#[inline(always)]
+fn set_dst<P: Rewrite>(p: &P, m: &Ipv4Meta, addr: u32, port_be: u16) -> Result<(), DropReason> {
+    let l4 = L4Csum::for_proto(m.proto, m.l4_off);
+    if addr != m.daddr_be {
+        p.set_addr(IP_DADDR_OFF, m.daddr_be, addr, l4)?;
+    }
+    if port_be != m.dport_be {
+        p.set_port(m.l4_off + 2, m.dport_be, port_be, l4)?;
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn set_src<P: Rewrite>(p: &P, m: &Ipv4Meta, addr: u32, port_be: u16) -> Result<(), DropReason> {
+    let l4 = L4Csum::for_proto(m.proto, m.l4_off);
+    if addr != m.saddr_be {
+        p.set_addr(IP_SADDR_OFF, m.saddr_be, addr, l4)?;
+    }
+    if port_be != m.sport_be {
+        p.set_port(m.l4_off, m.sport_be, port_be, l4)?;
+    }
+    Ok(())
+}
+
+/// Applies a forward conntrack entry: DNAT to the backend, SNAT when the entry says so.
+#[inline(always)]
+fn apply_forward<P: Rewrite>(p: &P, m: &Ipv4Meta, e: &CtEntry<Addr>) -> Result<Outcome, DropReason> {
+    set_dst(p, m, e.nat_addr, e.nat_port_be)?;
+    if e.flags & CT_FLAG_SNAT != 0 {
+        set_src(p, m, e.orig_addr, e.orig_port_be)?;
+    }
+    Ok(if e.flags & CT_FLAG_SNAT != 0 && e.flags & CT_FLAG_EXTERNAL != 0 { Outcome::Forward } else { Outcome::Translated })
+}
+
+#[inline(always)]
+pub fn handle<P: Rewrite>(p: &P, m: &Ipv4Meta, origin: Origin, len: u64) -> Result<Outcome, DropReason> {
+    if m.later_fragment || (m.proto != IPPROTO_TCP && m.proto != IPPROTO_UDP) {
+        return Ok(Outcome::Untouched);
+    }
+    // 1. A reply of a translated flow: restore the frontend as source (and the client as
+    //    destination when the request was SNATed).
+    // SAFETY: entries are copied out at once.
+    if let Some(e) = unsafe { V4::ct().get(&ct_key(m, CT_REPLY)).copied() } {
+        // SAFETY: as above.
+        let rn = unsafe { V4::rev_nat().get(&e.rev_nat_id).copied() }.ok_or(DropReason::RevNatMissing)?;
+        let fe_addr = if rn.addr != 0 { rn.addr } else { e.nat_addr };
+        set_src(p, m, fe_addr, rn.port_be)?;
+        if e.flags & CT_FLAG_SNAT != 0 {
+            set_dst(p, m, e.orig_addr, e.orig_port_be)?;
+        }
+        count_service(e.rev_nat_id, len);
+        let ext = e.flags & CT_FLAG_EXTERNAL != 0 && e.flags & CT_FLAG_SNAT != 0;
+        return Ok(if ext { Outcome::Forward } else { Outcome::Translated });
+    }
+    // 2. A known connection keeps its backend, as long as that backend still exists.
+    let fkey = ct_key(m, CT_FORWARD);
+    // SAFETY: as above.
+    if let Some(e) = unsafe { V4::ct().get(&fkey).copied() } {
+        if lb::still_there::<V4>(e.backend_id, e.nat_addr, e.nat_port_be) {
+            count_service(e.rev_nat_id, len);
+            return apply_forward(p, m, &e);
+        }
+    }
+    // 3. A new connection to a frontend?
+    let internal = origin == Origin::Internal;
+    let svc = match lb::lookup_service::<V4>(m.daddr_be, m.dport_be, m.proto, internal) {
+        Some(s) => s,
+        // NodePort frontends are keyed by address 0: any of the node's addresses.
+        None if cfg::is_node_ip(m.daddr_be) && cfg::in_nodeport_range(m.dport_be) => {
+            match lb::lookup_service::<V4>(0, m.dport_be, m.proto, internal) {
+                Some(s) => s,
+                None => return Ok(Outcome::Untouched),
+            }
+        }
+        None => return Ok(Outcome::Untouched),
+    };
+    // ClusterIPs are not reachable from outside the cluster (as with kube-proxy's rules, which
+    // only match ClusterIPs for traffic that is routed to them from pods/nodes).
+    if origin == Origin::External && svc.kind == ServiceKind::ClusterIp as u8 {
+        return Ok(Outcome::Untouched);
+    }
+    let client = AffinityKey { netns_cookie: [0; 2], client: m.saddr_be, rev_nat_id: svc.rev_nat_id };
+    let (backend_id, be) = lb::select_backend::<V4>(&svc, client)?;
+    let local = be.flags & BACKEND_FLAG_LOCAL != 0;
+    let ext_local = svc.flags & SVC_FLAG_EXT_LOCAL != 0;
+    if origin == Origin::External && ext_local && !local {
+        return Err(DropReason::NoLocalBackend);
+    }
+    let mut flags = if origin == Origin::External { CT_FLAG_EXTERNAL } else { 0 };
+    let (mut snat_addr, snat_port) = (m.saddr_be, m.sport_be);
+    if origin == Origin::External && !local && !ext_local {
+        // The remote backend must answer through this node so the reply can be reverse-NATed:
+        // SNAT to the node address the request came to (NodePort), else the primary one.
+        snat_addr = if cfg::is_node_ip(m.daddr_be) { m.daddr_be } else { cfg::primary_node_ip().unwrap_or(m.daddr_be) };
+        flags |= CT_FLAG_SNAT;
+    } else if origin == Origin::Internal && be.addr == m.saddr_be {
+        // Hairpin: a pod reaching itself through its Service must not see its own source.
+        snat_addr = cfg::hairpin_snat_ip();
+        flags |= CT_FLAG_SNAT;
+    }
+    // The client's source port is kept; a collision with another flow's reply tuple would need
+    // a port allocator (cilium's SNAT map), which this path does not have yet: refuse to create
+    // an ambiguous entry rather than hijack the other flow's replies.
+    let rkey = CtKey {
+        saddr: be.addr,
+        daddr: snat_addr,
+        sport_be: be.port_be,
+        dport_be: snat_port,
+        proto: m.proto,
+        dir: CT_REPLY,
+        _pad: [0; 2],
+    };
+    let reply = CtEntry {
+        nat_addr: m.daddr_be,
+        orig_addr: m.saddr_be,
+        nat_port_be: m.dport_be,
+        orig_port_be: m.sport_be,
+        backend_id,
+        rev_nat_id: svc.rev_nat_id,
+        flags,
+        _pad: [0; 3],
+    };
+    let fwd = CtEntry {
+        nat_addr: be.addr,
+        orig_addr: snat_addr,
+        nat_port_be: be.port_be,
+        orig_port_be: snat_port,
+        backend_id,
+        rev_nat_id: svc.rev_nat_id,
+        flags,
+        _pad: [0; 3],
+    };
+    // SAFETY: copied out at once.
+    if let Some(other) = unsafe { V4::ct().get(&rkey).copied() } {
+        if other.orig_addr != m.saddr_be || other.orig_port_be != m.sport_be {
+            return Err(DropReason::SnatCollision);
+        }
+    }
+    // The reply entry first: once the forward entry exists, a reply may arrive.
+    V4::ct().insert(&rkey, &reply, 0).map_err(|_| DropReason::MapUpdateFailed)?;
+    V4::ct().insert(&fkey, &fwd, 0).map_err(|_| DropReason::MapUpdateFailed)?;
+    count_service(svc.rev_nat_id, len);
+    apply_forward(p, m, &fwd)
+}
