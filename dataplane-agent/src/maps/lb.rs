@@ -1,0 +1,302 @@
+//! The service tables: frontends, backend slots, backends, rev-NAT.
+//!
+//! Write order avoids transient drops (CONVENTIONS "Map types"): on add, backends before slots
+//! before the frontend entry; on delete the reverse. Every input is checked before the first
+//! write, so a refused call changes nothing.
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use aya::maps::{HashMap, Map};
+use dataplane_common::lb::{
+    BACKEND_ACTIVE, BACKEND_FLAG_LOCAL, BACKEND_TERMINATING, BACKENDS4_MAP, Backend, FRONTENDS4_MAP, FrontendKey,
+    Ip4, REV_NAT4_MAP, RevNat, SCOPE_EXT, SCOPE_INT, SERVICE_STATS_MAX, SLOTS4_MAP, Service, ServiceKind, SlotKey,
+};
+
+use super::{MapsError, Source, ip4_from_map, ip4_to_map, is_not_found, op, open};
+
+/// L4 protocol of a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp = 6,
+    Udp = 17,
+    Sctp = 132,
+}
+
+impl Proto {
+    fn from_u8(v: u8) -> Option<Proto> {
+        match v {
+            6 => Some(Proto::Tcp),
+            17 => Some(Proto::Udp),
+            132 => Some(Proto::Sctp),
+            _ => None,
+        }
+    }
+}
+
+/// Which backend set a frontend entry holds (see `dataplane_common::lb::SCOPE_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    External,
+    Internal,
+}
+
+/// A frontend. NodePort frontends have the address 0.0.0.0 (any node address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub addr: SocketAddrV4,
+    pub proto: Proto,
+    pub scope: Scope,
+}
+
+impl Frontend {
+    pub fn key(&self) -> FrontendKey<Ip4> {
+        FrontendKey {
+            addr: ip4_to_map(*self.addr.ip()),
+            port_be: self.addr.port().to_be(),
+            proto: self.proto as u8,
+            scope: match self.scope {
+                Scope::External => SCOPE_EXT,
+                Scope::Internal => SCOPE_INT,
+            },
+        }
+    }
+
+    fn from_key(k: &FrontendKey<Ip4>) -> Option<Frontend> {
+        Some(Frontend {
+            addr: SocketAddrV4::new(ip4_from_map(k.addr), u16::from_be(k.port_be)),
+            proto: Proto::from_u8(k.proto)?,
+            scope: if k.scope == SCOPE_INT { Scope::Internal } else { Scope::External },
+        })
+    }
+}
+
+/// What a frontend maps to, in user-space terms.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// Names the slots; unique per frontend entry.
+    pub svc_id: u32,
+    pub kind: ServiceKind,
+    /// `dataplane_common::lb::SVC_FLAG_*` bits.
+    pub flags: u8,
+    pub affinity_timeout_s: u32,
+    pub rev_nat_id: u32,
+    /// Ready backends (ids), then serving-but-terminating ones.
+    pub active: Vec<u32>,
+    pub terminating: Vec<u32>,
+}
+
+/// A backend, in user-space terms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub addr: SocketAddrV4,
+    pub local: bool,
+    pub terminating: bool,
+}
+
+impl BackendSpec {
+    fn to_map(self) -> Backend<Ip4> {
+        Backend {
+            addr: ip4_to_map(*self.addr.ip()),
+            port_be: self.addr.port().to_be(),
+            flags: if self.local { BACKEND_FLAG_LOCAL } else { 0 },
+            state: if self.terminating { BACKEND_TERMINATING } else { BACKEND_ACTIVE },
+        }
+    }
+
+    fn from_map(b: &Backend<Ip4>) -> BackendSpec {
+        BackendSpec {
+            addr: SocketAddrV4::new(ip4_from_map(b.addr), u16::from_be(b.port_be)),
+            local: b.flags & BACKEND_FLAG_LOCAL != 0,
+            terminating: b.state == BACKEND_TERMINATING,
+        }
+    }
+}
+
+/// The IPv4 service tables.
+pub struct LbMaps {
+    frontends: HashMap<aya::maps::MapData, FrontendKey<Ip4>, Service>,
+    slots: HashMap<aya::maps::MapData, SlotKey, u32>,
+    backends: HashMap<aya::maps::MapData, u32, Backend<Ip4>>,
+    rev_nat: HashMap<aya::maps::MapData, u32, RevNat<Ip4>>,
+}
+
+fn typed<K: aya::Pod, V: aya::Pod>(
+    map: Map,
+    name: &'static str,
+) -> Result<HashMap<aya::maps::MapData, K, V>, MapsError> {
+    HashMap::try_from(map).map_err(|source| MapsError::Kind { name, source })
+}
+
+impl LbMaps {
+    pub fn open(mut src: Source<'_>) -> Result<LbMaps, MapsError> {
+        Ok(LbMaps {
+            frontends: typed(open(&mut src, FRONTENDS4_MAP)?, FRONTENDS4_MAP)?,
+            slots: typed(open(&mut src, SLOTS4_MAP)?, SLOTS4_MAP)?,
+            backends: typed(open(&mut src, BACKENDS4_MAP)?, BACKENDS4_MAP)?,
+            rev_nat: typed(open(&mut src, REV_NAT4_MAP)?, REV_NAT4_MAP)?,
+        })
+    }
+
+    pub fn upsert_backend(&mut self, id: u32, b: BackendSpec) -> Result<(), MapsError> {
+        if id == 0 {
+            return Err(MapsError::Invalid { what: "backend id", why: "0 is reserved".into() });
+        }
+        if b.addr.ip().is_unspecified() || b.addr.port() == 0 {
+            return Err(MapsError::Invalid { what: "backend address", why: format!("{} has no address or port", b.addr) });
+        }
+        self.backends.insert(id, b.to_map(), 0).map_err(op("insert", BACKENDS4_MAP))
+    }
+
+    /// Removes a backend. The caller removes it from every service first (`upsert_service`).
+    pub fn remove_backend(&mut self, id: u32) -> Result<(), MapsError> {
+        self.backends.remove(&id).map_err(op("remove", BACKENDS4_MAP))
+    }
+
+    pub fn backend(&self, id: u32) -> Result<Option<BackendSpec>, MapsError> {
+        match self.backends.get(&id, 0) {
+            Ok(b) => Ok(Some(BackendSpec::from_map(&b))),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(op("lookup", BACKENDS4_MAP)(e)),
+        }
+    }
+
+    pub fn set_rev_nat(&mut self, id: u32, frontend: SocketAddrV4) -> Result<(), MapsError> {
+        check_rev_nat_id(id)?;
+        let v = RevNat { addr: ip4_to_map(*frontend.ip()), port_be: frontend.port().to_be(), _pad: [0; 2] };
+        self.rev_nat.insert(id, v, 0).map_err(op("insert", REV_NAT4_MAP))
+    }
+
+    pub fn remove_rev_nat(&mut self, id: u32) -> Result<(), MapsError> {
+        self.rev_nat.remove(&id).map_err(op("remove", REV_NAT4_MAP))
+    }
+
+    pub fn rev_nat(&self, id: u32) -> Result<Option<SocketAddrV4>, MapsError> {
+        match self.rev_nat.get(&id, 0) {
+            Ok(v) => Ok(Some(SocketAddrV4::new(ip4_from_map(v.addr), u16::from_be(v.port_be)))),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(op("lookup", REV_NAT4_MAP)(e)),
+        }
+    }
+
+    /// Writes the slots, then the frontend entry, then drops slots the new entry no longer
+    /// counts. Every backend id must exist already.
+    pub fn upsert_service(&mut self, fe: &Frontend, spec: &ServiceSpec) -> Result<(), MapsError> {
+        check_rev_nat_id(spec.rev_nat_id)?;
+        if spec.svc_id == 0 {
+            return Err(MapsError::Invalid { what: "service id", why: "0 is reserved".into() });
+        }
+        let (active, terminating) = (count(&spec.active)?, count(&spec.terminating)?);
+        for id in spec.active.iter().chain(&spec.terminating) {
+            if self.backend(*id)?.is_none() {
+                return Err(MapsError::Invalid { what: "service backends", why: format!("backend {id} does not exist") });
+            }
+        }
+        let old = self.service_entry(fe)?;
+        for (slot, id) in spec.active.iter().chain(&spec.terminating).enumerate() {
+            let key = SlotKey { svc_id: spec.svc_id, slot: slot as u32 };
+            self.slots.insert(key, *id, 0).map_err(op("insert", SLOTS4_MAP))?;
+        }
+        let entry = Service {
+            svc_id: spec.svc_id,
+            active,
+            terminating,
+            affinity_timeout_s: spec.affinity_timeout_s,
+            rev_nat_id: spec.rev_nat_id,
+            kind: spec.kind as u8,
+            flags: spec.flags,
+            _pad: [0; 2],
+        };
+        self.frontends.insert(fe.key(), entry, 0).map_err(op("insert", FRONTENDS4_MAP))?;
+        let new_len = u32::from(active) + u32::from(terminating);
+        if let Some(old) = old {
+            let old_len = u32::from(old.active) + u32::from(old.terminating);
+            let from = if old.svc_id == spec.svc_id { new_len } else { 0 };
+            self.remove_slots(old.svc_id, from, old_len)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the frontend entry, then its slots. Absent is not an error.
+    pub fn remove_service(&mut self, fe: &Frontend) -> Result<(), MapsError> {
+        let Some(old) = self.service_entry(fe)? else { return Ok(()) };
+        self.frontends.remove(&fe.key()).map_err(op("remove", FRONTENDS4_MAP))?;
+        self.remove_slots(old.svc_id, 0, u32::from(old.active) + u32::from(old.terminating))
+    }
+
+    fn remove_slots(&mut self, svc_id: u32, from: u32, to: u32) -> Result<(), MapsError> {
+        for slot in from..to {
+            match self.slots.remove(&SlotKey { svc_id, slot }) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(op("remove", SLOTS4_MAP)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The raw entry of a frontend.
+    pub fn service_entry(&self, fe: &Frontend) -> Result<Option<Service>, MapsError> {
+        match self.frontends.get(&fe.key(), 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(op("lookup", FRONTENDS4_MAP)(e)),
+        }
+    }
+
+    /// A frontend's entry with its backend ids read back from the slots.
+    pub fn service(&self, fe: &Frontend) -> Result<Option<ServiceSpec>, MapsError> {
+        let Some(s) = self.service_entry(fe)? else { return Ok(None) };
+        let mut ids = Vec::new();
+        for slot in 0..u32::from(s.active) + u32::from(s.terminating) {
+            let id = self.slots.get(&SlotKey { svc_id: s.svc_id, slot }, 0).map_err(op("lookup", SLOTS4_MAP))?;
+            ids.push(id);
+        }
+        let terminating = ids.split_off(usize::from(s.active));
+        Ok(Some(ServiceSpec {
+            svc_id: s.svc_id,
+            kind: ServiceKind::from_u8(s.kind).ok_or_else(|| MapsError::Invalid {
+                what: "service kind in the map",
+                why: format!("{}", s.kind),
+            })?,
+            flags: s.flags,
+            affinity_timeout_s: s.affinity_timeout_s,
+            rev_nat_id: s.rev_nat_id,
+            active: ids,
+            terminating,
+        }))
+    }
+
+    /// Every frontend in the map (entries with an unknown protocol are skipped).
+    pub fn frontends(&self) -> Result<Vec<Frontend>, MapsError> {
+        let mut out = Vec::new();
+        for k in self.frontends.keys() {
+            let k = k.map_err(op("iterate", FRONTENDS4_MAP))?;
+            out.extend(Frontend::from_key(&k));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Every backend id in the map.
+    pub fn backend_ids(&self) -> Result<Vec<u32>, MapsError> {
+        let mut ids = self.backends.keys().collect::<Result<Vec<_>, _>>().map_err(op("iterate", BACKENDS4_MAP))?;
+        ids.sort();
+        Ok(ids)
+    }
+}
+
+fn count(ids: &[u32]) -> Result<u16, MapsError> {
+    u16::try_from(ids.len())
+        .map_err(|_| MapsError::Invalid { what: "service backends", why: format!("{} is more than 65535", ids.len()) })
+}
+
+fn check_rev_nat_id(id: u32) -> Result<(), MapsError> {
+    if id == 0 || id >= SERVICE_STATS_MAX {
+        return Err(MapsError::Invalid { what: "rev-NAT id", why: format!("{id} is not in 1..{SERVICE_STATS_MAX}") });
+    }
+    Ok(())
+}
+
+/// A convenience for callers that build frontends from parts.
+pub fn frontend(ip: Ipv4Addr, port: u16, proto: Proto, scope: Scope) -> Frontend {
+    Frontend { addr: SocketAddrV4::new(ip, port), proto, scope }
+}
