@@ -80,7 +80,7 @@ fn apply_forward<P: Rewrite>(p: &P, m: &Ipv4Meta, e: &CtEntry<Addr>) -> Result<O
 
 #[inline(always)]
 pub fn handle<P: Rewrite>(p: &P, m: &Ipv4Meta, origin: Origin, len: u64) -> Result<Outcome, DropReason> {
-    if m.later_fragment || (m.proto != IPPROTO_TCP && m.proto != IPPROTO_UDP) {
+    if m.fragment || (m.proto != IPPROTO_TCP && m.proto != IPPROTO_UDP) {
         return Ok(Outcome::Untouched);
     }
     // 1. A reply of a translated flow: restore the frontend as source (and the client as

@@ -79,8 +79,6 @@ pub enum L3 {
     Ipv6,
 }
 
-// The service path (issue 3) reads the addresses and offsets; the foundation only validates them.
-#[allow(dead_code)]
 pub struct Ipv4Meta {
     pub saddr_be: u32,
     pub daddr_be: u32,
@@ -93,9 +91,14 @@ pub struct Ipv4Meta {
     pub dport_be: u16,
     /// A non-first fragment: there is no L4 header to look at.
     pub later_fragment: bool,
+    /// Any fragment (more-fragments set, or a non-zero offset). The service path does not
+    /// translate fragments: the later ones carry no ports to match, and translating only the
+    /// first would split the datagram.
+    pub fragment: bool,
 }
 
 const IP_OFFSET_MASK: u16 = 0x1fff;
+const IP_MF: u16 = 0x2000;
 
 /// Parses Ethernet, then IPv4 with its L4 ports. Malformed headers are an error with a reason.
 ///
@@ -147,6 +150,7 @@ fn parse_ipv4(w: Window, frame_len: usize) -> Result<Ipv4Meta, DropReason> {
         sport_be: 0,
         dport_be: 0,
         later_fragment: frag & IP_OFFSET_MASK != 0,
+        fragment: frag & (IP_OFFSET_MASK | IP_MF) != 0,
     };
     if meta.later_fragment {
         return Ok(meta);

@@ -5,7 +5,7 @@ use dataplane_common::{
     lb::Ip4,
 };
 
-use super::{MapsError, Source, is_not_found, op, open};
+use super::{MapsError, Source, clear, is_not_found, op, open};
 
 pub struct AffinityMap {
     map: HashMap<MapData, AffinityKey<Ip4>, AffinityValue>,
@@ -32,6 +32,10 @@ impl AffinityMap {
 
     pub fn entries(&self) -> Result<Vec<(AffinityKey<Ip4>, AffinityValue)>, MapsError> {
         self.map.iter().collect::<Result<Vec<_>, _>>().map_err(op("iterate", AFFINITY4_MAP))
+    }
+
+    pub fn clear(&mut self) -> Result<usize, MapsError> {
+        clear(&mut self.map, AFFINITY4_MAP)
     }
 
     /// Drops every entry of one service (when its affinity is turned off or it is deleted).

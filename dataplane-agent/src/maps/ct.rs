@@ -7,7 +7,7 @@ use dataplane_common::{
     lb::Ip4,
 };
 
-use super::{MapsError, Source, ip4_from_map, op, open};
+use super::{MapsError, Source, clear, ip4_from_map, op, open};
 
 /// One conntrack entry, decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +71,11 @@ impl CtMap {
 
     pub fn insert(&mut self, k: CtKey<Ip4>, e: CtEntry<Ip4>) -> Result<(), MapsError> {
         self.map.insert(k, e, 0).map_err(op("insert", CT4_MAP))
+    }
+
+    /// Forgets every flow (established connections are re-balanced on their next packet).
+    pub fn clear(&mut self) -> Result<usize, MapsError> {
+        clear(&mut self.map, CT4_MAP)
     }
 
     pub fn raw(&self) -> &HashMap<MapData, CtKey<Ip4>, CtEntry<Ip4>> {

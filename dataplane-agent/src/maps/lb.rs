@@ -11,7 +11,7 @@ use dataplane_common::lb::{
     Ip4, REV_NAT4_MAP, RevNat, SCOPE_EXT, SCOPE_INT, SERVICE_STATS_MAX, SLOTS4_MAP, Service, ServiceKind, SlotKey,
 };
 
-use super::{MapsError, Source, ip4_from_map, ip4_to_map, is_not_found, op, open};
+use super::{MapsError, Source, clear, ip4_from_map, ip4_to_map, is_not_found, op, open};
 
 /// L4 protocol of a frontend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -274,6 +274,15 @@ impl LbMaps {
         }
         out.sort();
         Ok(out)
+    }
+
+    /// Empties all four tables, frontends first (the reverse of the add order).
+    pub fn clear(&mut self) -> Result<(), MapsError> {
+        clear(&mut self.frontends, FRONTENDS4_MAP)?;
+        clear(&mut self.slots, SLOTS4_MAP)?;
+        clear(&mut self.backends, BACKENDS4_MAP)?;
+        clear(&mut self.rev_nat, REV_NAT4_MAP)?;
+        Ok(())
     }
 
     /// Every backend id in the map.

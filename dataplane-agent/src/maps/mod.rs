@@ -76,6 +76,23 @@ pub(crate) fn op(op: &'static str, name: &'static str) -> impl FnOnce(MapError) 
     move |source| MapsError::Op { op, name, source }
 }
 
+/// Removes every entry of a hash map (keys are collected first: deleting while iterating would
+/// restart the walk). Returns how many were removed.
+pub(crate) fn clear<K: aya::Pod, V: aya::Pod>(
+    map: &mut aya::maps::HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<usize, MapsError> {
+    let keys = map.keys().collect::<Result<Vec<K>, _>>().map_err(op("iterate", name))?;
+    for k in &keys {
+        match map.remove(k) {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(op("remove", name)(e)),
+        }
+    }
+    Ok(keys.len())
+}
+
 /// Whether a lookup error only means "no such key".
 pub(crate) fn is_not_found(e: &MapError) -> bool {
     matches!(e, MapError::KeyNotFound)
