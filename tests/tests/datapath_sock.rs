@@ -31,13 +31,19 @@ struct Fixture {
     // Field order is drop order: programs detach before the cgroup is removed, the namespace last.
     ebpf: Ebpf,
     lb: LbMaps,
-    cgroup: Cgroup,
+    _cgroup: Cgroup,
     ns: NetNs,
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+/// `Cgroup::enter` moves the whole process: tests sharing a process (plain `cargo test`) must
+/// take turns. Under nextest each test has its own process and this never waits.
+static ONE_CGROUP_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// A namespace with the backend addresses on its loopback, the socket programs attached to a
 /// fresh cgroup, and the test process inside that cgroup.
 fn setup() -> Fixture {
+    let serial = ONE_CGROUP_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let ns = NetNs::new();
     for b in [B1, B2] {
         ns.ip(&["addr", "add", &format!("{}/32", b.ip()), "dev", "lo"]);
@@ -50,7 +56,7 @@ fn setup() -> Fixture {
     let mut lb = LbMaps::open(Source::Ebpf(&mut ebpf)).expect("open the service maps");
     lb.upsert_backend(1, BackendSpec { addr: B1, local: true, terminating: false }).unwrap();
     lb.upsert_backend(2, BackendSpec { addr: B2, local: true, terminating: false }).unwrap();
-    Fixture { ebpf, lb, cgroup, ns }
+    Fixture { ebpf, lb, _cgroup: cgroup, ns, _serial: serial }
 }
 
 fn service(lb: &mut LbMaps, port: u16, proto: Proto, id: u32, active: Vec<u32>, terminating: Vec<u32>, affinity_s: u32) {
@@ -128,7 +134,6 @@ fn tcp_connect_to_a_vip_reaches_a_backend_and_getpeername_returns_the_vip() {
     // A port that is not a frontend is left alone (and refused by the stack: nothing listens).
     let err = connect(&f.ns, SocketAddrV4::new(*B1.ip(), 9)).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
-    drop(f.cgroup);
 }
 
 #[test]
@@ -172,7 +177,6 @@ fn udp_round_trip_sees_the_vip_as_its_peer() {
     let mut buf = [0u8; 64];
     let n = connected.recv(&mut buf).expect("reply on the connected socket");
     assert_eq!(&buf[..n], b"connected");
-    drop(f.cgroup);
 }
 
 #[test]
@@ -195,7 +199,6 @@ fn a_service_with_no_endpoint_refuses_at_once() {
         .run(|| UdpSocket::bind("0.0.0.0:0").unwrap().send_to(b"x", SocketAddrV4::new(VIP, 81)))
         .expect_err("UDP service without endpoints");
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
-    drop(f.cgroup);
 }
 
 #[test]
@@ -224,5 +227,4 @@ fn terminating_backends_serve_only_when_none_is_ready_and_affinity_sticks() {
     // Affinity: two ready backends, every connection from this namespace sticks to one.
     service(&mut f.lb, 82, Proto::Tcp, 4, vec![1, 2], vec![], 60);
     assert_eq!(round(16).len(), 1, "sessionAffinity ClientIP keeps one backend");
-    drop(f.cgroup);
 }
