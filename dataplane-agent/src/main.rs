@@ -1,1 +1,122 @@
-fn main() {}
+//! `dataplane-agent`: see `cli.rs` for the commands.
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use dataplane_agent::agent::{self, Actions, AgentState, AgentStatus};
+use dataplane_agent::cli::{Cli, Command, DoctorArgs, Output, RunArgs, StatusArgs};
+use dataplane_agent::model::ModelConfig;
+use dataplane_agent::{doctor, http, source};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Status(args) => status(args, cli.output),
+        Command::Doctor(args) => Ok(doctor_cmd(args, cli.output)),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;
+    rt.block_on(async move {
+        let source_name = match &args.manifests {
+            Some(dir) => format!("manifests:{}", dir.display()),
+            None => "kube".to_string(),
+        };
+        let state = Arc::new(AgentState::new(source_name));
+        let listener = http::bind(args.listen).await?;
+        tracing::info!(addr = %args.listen, "serving /healthz /readyz /metrics /status");
+
+        let (tx, rx) = source::channel();
+        match args.manifests.clone() {
+            Some(dir) => {
+                // Fail fast on a directory that is not there; later read errors keep the last good state.
+                std::fs::read_dir(&dir).with_context(|| format!("--manifests {}", dir.display()))?;
+                tokio::spawn(source::manifests::run(dir, Duration::from_millis(args.manifests_poll_ms), tx));
+            }
+            None => {
+                let client = kube::Client::try_default().await.context("connecting to the API server (in-cluster config or KUBECONFIG)")?;
+                tokio::spawn(source::kube::run(client, tx, Duration::from_millis(args.debounce_ms)));
+            }
+        }
+        let actions = Actions {
+            model: ModelConfig {
+                node_name: args.node_name.clone(),
+                service_proxy_name: args.service_proxy_name.clone(),
+                node_port_addresses: args.nodeport_addresses.clone(),
+            },
+            routes: args.routes,
+            node_file: (!args.no_node_file && args.node_name.is_some()).then(|| args.node_file.clone()),
+            state_dir: Some(args.state_dir.clone()),
+        };
+        let sync = tokio::spawn(agent::sync_loop(rx, actions, state.clone()));
+        let server = tokio::spawn(http::serve(listener, state));
+
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: exiting; the data plane stays programmed"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: exiting; the data plane stays programmed"),
+            r = server => anyhow::bail!("HTTP server stopped: {r:?}"),
+            r = sync => anyhow::bail!("sync loop stopped: {r:?}"),
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn status(args: StatusArgs, output: Output) -> anyhow::Result<ExitCode> {
+    let path = args.state_dir.join(agent::STATUS_FILE);
+    let status: Option<AgentStatus> = match std::fs::read(&path) {
+        Ok(bytes) => Some(serde_json::from_slice(&bytes).with_context(|| format!("{} is not a status file", path.display()))?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut pins: Vec<String> = std::fs::read_dir(&args.pin_dir)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    pins.sort();
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&serde_json::json!({"status": status, "pins": pins}))?),
+        Output::Text => {
+            match &status {
+                None => println!("no status at {} (the agent has not synced on this node yet)", path.display()),
+                Some(s) => {
+                    println!("source:    {}", s.source);
+                    println!("ready:     {} ({} syncs, last took {:.2} ms)", s.ready, s.syncs, s.last_sync_duration_ms.unwrap_or(0.0));
+                    println!("services:  {}  frontends: {}  backends: {}  routes: {}", s.services, s.frontends, s.backends, s.routes);
+                    println!("last error: {}", s.last_error.as_deref().unwrap_or("none"));
+                    for e in &s.service_errors {
+                        println!("  service error: {e}");
+                    }
+                }
+            }
+            println!("pins in {}: {}", args.pin_dir.display(), if pins.is_empty() { "none".to_string() } else { pins.join(", ") });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn doctor_cmd(args: DoctorArgs, output: Output) -> ExitCode {
+    let checks = doctor::run(&doctor::DoctorOptions {
+        pin_dir: args.pin_dir,
+        cgroup_root: args.cgroup_root,
+        uplinks: args.uplink,
+        load_object: !args.skip_load,
+    });
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&checks).unwrap_or_default()),
+        Output::Text => print!("{}", doctor::render_text(&checks)),
+    }
+    if checks.iter().all(|c| c.ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}

@@ -111,7 +111,9 @@ fn add_object(path: &Path, index: usize, doc: Value, objects: &mut ClusterObject
 
 /// What identifies the directory's content cheaply: each file's name, size, mtime and inode
 /// (an editor that writes a new file and renames it over the old one changes the inode).
-fn fingerprint(dir: &Path) -> Result<Vec<(PathBuf, u64, Option<SystemTime>, u64)>, ManifestError> {
+type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>, u64)>;
+
+fn fingerprint(dir: &Path) -> Result<Fingerprint, ManifestError> {
     use std::os::unix::fs::MetadataExt;
     manifest_files(dir)?
         .into_iter()

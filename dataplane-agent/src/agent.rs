@@ -1,0 +1,180 @@
+//! `run`: source -> model -> (routes, CNI node file, metrics, status). The eBPF map writes plug in
+//! here through `reconcile` once the map wrappers exist; until then the desired state is computed,
+//! exposed and used for routes.
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::Metrics;
+use crate::model::{self, DesiredState, ModelConfig};
+use crate::routes::{self, RouteSync};
+use crate::source::{SourceState, Subscriber};
+
+/// What `status` shows; also written to `<state dir>/status.json` after every sync so that it
+/// can be read while the agent is down.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AgentStatus {
+    pub ready: bool,
+    pub source: String,
+    pub syncs: u64,
+    pub last_sync_unix_ms: Option<u64>,
+    pub last_sync_duration_ms: Option<f64>,
+    pub services: usize,
+    pub frontends: usize,
+    pub backends: usize,
+    pub routes: usize,
+    /// The newest source or apply error; cleared by the next successful sync.
+    pub last_error: Option<String>,
+    /// Services (or parts) left out, with why.
+    pub service_errors: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct AgentState {
+    pub metrics: Metrics,
+    ready: AtomicBool,
+    status: Mutex<AgentStatus>,
+    desired: Mutex<Option<Arc<DesiredState>>>,
+}
+
+impl AgentState {
+    pub fn new(source: String) -> Self {
+        AgentState {
+            metrics: Metrics::default(),
+            ready: AtomicBool::new(false),
+            status: Mutex::new(AgentStatus { source, ..Default::default() }),
+            desired: Mutex::new(None),
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn status(&self) -> AgentStatus {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The last applied desired state.
+    pub fn desired(&self) -> Option<Arc<DesiredState>> {
+        self.desired.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut AgentStatus)) -> AgentStatus {
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut s);
+        s.clone()
+    }
+}
+
+/// The parts of `run` that act on the node besides the maps.
+#[derive(Debug, Clone, Default)]
+pub struct Actions {
+    pub model: ModelConfig,
+    /// Program routes to other nodes' podCIDRs (needs `model.node_name`).
+    pub routes: bool,
+    /// Write this node's podCIDRs for the CNI plugin.
+    pub node_file: Option<PathBuf>,
+    /// Where `status.json` goes.
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Routes(#[from] routes::RouteError),
+    #[error("writing {path}")]
+    Status {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Applies every new snapshot until the source goes away. A failed apply is reported (status,
+/// metrics, log) and retried with the next snapshot; it never stops the loop.
+pub async fn sync_loop(mut rx: Subscriber, actions: Actions, state: Arc<AgentState>) {
+    let mut routes = None;
+    let mut last_applied: Option<Arc<model::ClusterObjects>> = None;
+    loop {
+        let snapshot: SourceState = rx.borrow_and_update().clone();
+        if let Some(err) = &snapshot.last_error {
+            state.metrics.source_errors.inc();
+            state.update(|s| s.last_error = Some(err.clone()));
+        }
+        if let Some(objects) = snapshot.objects.filter(|o| last_applied.as_ref().is_none_or(|l| !Arc::ptr_eq(l, o))) {
+            let started = Instant::now();
+            let desired = Arc::new(model::build(&objects, &actions.model));
+            let applied = apply(&desired, &actions, &mut routes).await;
+            let took = started.elapsed();
+            state.metrics.observe(&desired, took.as_secs_f64());
+            *state.desired.lock().unwrap_or_else(|p| p.into_inner()) = Some(desired.clone());
+            let status = state.update(|s| {
+                s.ready = true;
+                s.syncs += 1;
+                s.last_sync_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).ok().map(|d| d.as_millis() as u64);
+                s.last_sync_duration_ms = Some(took.as_secs_f64() * 1000.0);
+                s.services = desired.services.len();
+                s.frontends = desired.frontend_count();
+                s.backends = desired.backend_count();
+                s.routes = routes.as_ref().map_or(0, |r: &RouteSync| r.installed().len());
+                s.service_errors = desired.errors.iter().map(ToString::to_string).collect();
+                s.last_error = match &applied {
+                    Ok(()) => snapshot.last_error.clone(),
+                    Err(e) => Some(crate::errors::error_chain(e)),
+                };
+            });
+            if let Err(e) = &applied {
+                tracing::warn!(error = %crate::errors::error_chain(e), "apply failed; retrying with the next snapshot");
+            }
+            if let Some(dir) = &actions.state_dir
+                && let Err(e) = write_status(dir, &status)
+            {
+                tracing::warn!(error = %crate::errors::error_chain(&e), "status file not written");
+            }
+            state.ready.store(true, Ordering::Release);
+            last_applied = Some(objects);
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn apply(desired: &DesiredState, actions: &Actions, routes: &mut Option<RouteSync>) -> Result<(), ApplyError> {
+    let Some(node) = actions.model.node_name.as_deref() else { return Ok(()) };
+    if let Some(path) = &actions.node_file {
+        // Only once our Node (and so its podCIDRs) is known: an empty file would make the CNI
+        // plugin fail every Pod instead of waiting.
+        if let Some(me) = desired.nodes.get(node).filter(|n| !n.pod_cidrs.is_empty())
+            && routes::write_node_file(path, &me.pod_cidrs)?
+        {
+            tracing::info!(path = %path.display(), cidrs = ?me.pod_cidrs, "CNI node file written");
+        }
+    }
+    if actions.routes {
+        let sync = match routes {
+            Some(r) => r,
+            None => routes.insert(RouteSync::new().await?),
+        };
+        let changes = sync.sync(&routes::wanted(&desired.nodes, node)).await?;
+        if !changes.added.is_empty() || !changes.removed.is_empty() {
+            tracing::info!(added = ?changes.added, removed = ?changes.removed, "routes updated");
+        }
+    }
+    Ok(())
+}
+
+pub const STATUS_FILE: &str = "status.json";
+
+pub fn write_status(dir: &Path, status: &AgentStatus) -> Result<(), ApplyError> {
+    let path = dir.join(STATUS_FILE);
+    let err = |source| ApplyError::Status { path: path.clone(), source };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let tmp = dir.join(format!(".{STATUS_FILE}.{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(status).unwrap_or_default()).map_err(err)?;
+    std::fs::rename(&tmp, &path).map_err(err)
+}

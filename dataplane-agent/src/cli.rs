@@ -1,0 +1,95 @@
+//! Command line: `dataplane-agent run|status|doctor`, each with `--output json`.
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "dataplane-agent", version, about = "eBPF service proxy and routing agent for one Kubernetes node")]
+pub struct Cli {
+    /// Output format of the command's result.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    /// Log filter (tracing-subscriber EnvFilter syntax).
+    #[arg(long, global = true, env = "DATAPLANE_LOG", default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Watch the cluster (or a manifests directory) and keep the node programmed.
+    Run(RunArgs),
+    /// Show the agent's sync state, counts, last error and pinned objects (works while it is down).
+    Status(StatusArgs),
+    /// Check that this host can run the data plane.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Read Services, EndpointSlices and Nodes from YAML files in DIR instead of the API server.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: Option<PathBuf>,
+    /// How often the manifests directory is checked for changes.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=60_000), value_name = "MS")]
+    pub manifests_poll_ms: u64,
+    /// Coalesce API events arriving within this window into one sync.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=5_000), value_name = "MS")]
+    pub debounce_ms: u64,
+    /// This node's name (the DaemonSet passes spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Address of /healthz, /readyz, /metrics and /status.
+    #[arg(long, default_value = "127.0.0.1:9964")]
+    pub listen: SocketAddr,
+    /// Handle Services labelled service.kubernetes.io/service-proxy-name=NAME (others with the label are skipped).
+    #[arg(long, value_name = "NAME")]
+    pub service_proxy_name: Option<String>,
+    /// Addresses NodePorts are served on (default: this Node's InternalIP and ExternalIP).
+    #[arg(long, value_delimiter = ',', value_name = "IP,..")]
+    pub nodeport_addresses: Option<Vec<IpAddr>>,
+    /// Install routes to other nodes' podCIDRs through their InternalIPs.
+    #[arg(long, requires = "node_name")]
+    pub routes: bool,
+    /// Where this node's podCIDRs are written for the CNI plugin.
+    #[arg(long, default_value = crate::routes::DEFAULT_NODE_FILE, value_name = "PATH")]
+    pub node_file: PathBuf,
+    /// Do not write the CNI node file.
+    #[arg(long)]
+    pub no_node_file: bool,
+    /// Directory for status.json.
+    #[arg(long, default_value = "/run/dataplane", value_name = "DIR")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[arg(long, default_value = "/run/dataplane", value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// bpffs directory holding the data plane's pins.
+    #[arg(long, default_value = "/sys/fs/bpf/dataplane", value_name = "DIR")]
+    pub pin_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    #[arg(long, default_value = "/sys/fs/bpf/dataplane", value_name = "DIR")]
+    pub pin_dir: PathBuf,
+    /// cgroup v2 directory the socket programs attach to (default: the cgroup2 mount).
+    #[arg(long, value_name = "DIR")]
+    pub cgroup_root: Option<PathBuf>,
+    /// Uplink interface(s) XDP/TC attach to; checked for existence.
+    #[arg(long, value_name = "IFNAME")]
+    pub uplink: Vec<String>,
+    /// Skip loading the embedded eBPF object.
+    #[arg(long)]
+    pub skip_load: bool,
+}

@@ -1,0 +1,183 @@
+//! The `dataplane-agent` binary: flag errors, `run` with the manifests source end to end (HTTP
+//! endpoints, CNI node file, status file, re-read on change, SIGTERM), `status` and `doctor`.
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dataplane-agent");
+
+fn agent(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).env_remove("NODE_NAME").output().unwrap()
+}
+
+/// A scratch directory (`dpt-<pid>-<n>`) removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let p = std::env::temp_dir().join(dataplane_tests::unique_name());
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Kills the agent if the test fails before stopping it.
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn bad_flags_get_clear_errors() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["run", "--listen", "not-an-address"], "invalid value 'not-an-address' for '--listen <LISTEN>'"),
+        (&["run", "--routes"], "--node-name <NODE_NAME>"),
+        (&["run", "--manifests-poll-ms", "1"], "invalid value '1' for '--manifests-poll-ms <MS>'"),
+        (&["run", "--nodeport-addresses", "1.2.3.4,bogus"], "invalid value 'bogus' for '--nodeport-addresses <IP,..>'"),
+        (&["doctor", "--output", "yaml"], "invalid value 'yaml' for '--output <OUTPUT>'"),
+        (&["frobnicate"], "unrecognized subcommand 'frobnicate'"),
+    ];
+    for (args, want) in cases {
+        let out = agent(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: want {want:?} in:\n{stderr}");
+    }
+    // Valid flags, bad value found at start-up: exit 1 with the reason.
+    let out = agent(&["run", "--manifests", "/nonexistent/dpt-manifests", "--listen", "127.0.0.1:0"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("error: --manifests /nonexistent/dpt-manifests: No such file or directory"), "{stderr}");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A plain HTTP/1.1 GET; returns (status code, body).
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let code = resp.split(' ').nth(1)?.parse().ok()?;
+    let body = resp.split_once("\r\n\r\n")?.1.to_string();
+    Some((code, body))
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn metric(port: u16, name: &str) -> Option<f64> {
+    let (_, body) = get(port, "/metrics")?;
+    body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+fn copy_golden(case: &str, to: &Path) {
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    std::fs::copy(golden.join("nodes.yaml"), to.join("nodes.yaml")).unwrap();
+    std::fs::copy(golden.join(case).join("input").join(format!("{case}.yaml")), to.join(format!("{case}.yaml"))).unwrap();
+}
+
+#[test]
+fn run_with_manifests_serves_health_metrics_status_and_node_file() {
+    let tmp = TempDir::new();
+    let manifests = tmp.0.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    copy_golden("coredns", &manifests);
+    let state_dir = tmp.0.join("state");
+    let node_file = tmp.0.join("node.json");
+    let port = free_port();
+    let mut child = Agent(
+        Command::new(BIN)
+            .args(["run", "--manifests", manifests.to_str().unwrap(), "--manifests-poll-ms", "20", "--node-name", "node-a"])
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--state-dir", state_dir.to_str().unwrap(), "--node-file", node_file.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("/readyz", || get(port, "/readyz").is_some_and(|(c, _)| c == 200));
+    assert_eq!(get(port, "/healthz").unwrap(), (200, "ok\n".to_string()));
+    assert_eq!(metric(port, "dataplane_agent_services"), Some(1.0));
+    assert_eq!(metric(port, "dataplane_agent_frontends"), Some(3.0));
+    assert!(metric(port, "dataplane_agent_sync_duration_seconds_count").unwrap() >= 1.0);
+    assert_eq!(std::fs::read_to_string(&node_file).unwrap(), "{\"podCIDRs\":[\"10.244.0.0/24\",\"fd00:10:244::/64\"]}\n");
+
+    // A change on disk is picked up; a broken file is reported and changes nothing.
+    copy_golden("ingress-lb-local", &manifests);
+    wait_for("3 services", || metric(port, "dataplane_agent_services") == Some(3.0));
+    std::fs::write(manifests.join("zz-broken.yaml"), "kind: [").unwrap();
+    wait_for("source error", || metric(port, "dataplane_agent_source_errors_total").is_some_and(|v| v >= 1.0));
+    assert_eq!(metric(port, "dataplane_agent_services"), Some(3.0));
+
+    let out = agent(&["status", "--output", "json", "--state-dir", state_dir.to_str().unwrap(), "--pin-dir", tmp.0.join("no-pins").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["status"]["ready"], true);
+    assert_eq!(status["status"]["services"], 3);
+    assert_eq!(status["status"]["source"], format!("manifests:{}", manifests.display()));
+
+    // SIGTERM: a clean exit (the data plane, once attached, stays pinned).
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.0.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let start = Instant::now();
+    let code = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "agent did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(code.success(), "{code:?}");
+    // `status` still works with the agent gone.
+    let out = agent(&["status", "--state-dir", state_dir.to_str().unwrap(), "--pin-dir", "/nonexistent"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("services:  3"), "{text}");
+}
+
+#[test]
+fn status_without_a_status_file_says_so() {
+    let tmp = TempDir::new();
+    let out = agent(&["status", "--state-dir", tmp.0.to_str().unwrap(), "--pin-dir", "/nonexistent"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no status at"));
+    std::fs::write(tmp.0.join("status.json"), "{oops").unwrap();
+    let out = agent(&["status", "--state-dir", tmp.0.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a status file"));
+}
+
+#[test]
+fn doctor_passes_on_this_host_and_reports_a_missing_uplink() {
+    if !dataplane_tests::require_kernel() {
+        return;
+    }
+    let out = agent(&["doctor", "--output", "json"]);
+    let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = checks.as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["kernel", "btf", "bpffs", "cgroup2", "load"]);
+    assert!(out.status.success(), "{checks:#}");
+
+    let out = agent(&["doctor", "--skip-load", "--uplink", "dpt-no-such-if"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("FAIL uplink") && text.contains("hint: pass the node's uplink interface"), "{text}");
+}
