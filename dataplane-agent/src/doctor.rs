@@ -6,9 +6,9 @@ use serde::Serialize;
 
 use crate::host;
 
-/// The oldest kernel with everything the programs use: tcx attach links (6.6), cgroup sock_addr
-/// hooks incl. recvmsg/getpeername (5.8), BPF_PROG_RUN for XDP/TC, BTF-based CO-RE.
-pub const MIN_KERNEL: (u32, u32) = (6, 6);
+/// The oldest kernel the project supports (README): cgroup sock_addr hooks incl. recvmsg and
+/// getpeername (5.8), bounded loops, BTF. TC attaches through tcx from 6.6, netlink before.
+pub const MIN_KERNEL: (u32, u32) = (6, 1);
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -57,7 +57,7 @@ fn kernel() -> Check {
         Some(_) => Check::fail(
             "kernel",
             format!("{release} is older than {}.{}", MIN_KERNEL.0, MIN_KERNEL.1),
-            "upgrade the node kernel: tcx attach links need Linux 6.6 or newer",
+            "upgrade the node kernel to Linux 6.1 or newer",
         ),
         None => Check::fail("kernel", format!("cannot parse release {release:?}"), "report this kernel release string"),
     }
