@@ -12,3 +12,4 @@ pub mod host;
 pub mod http;
 pub mod metrics;
 pub mod routes;
+pub mod reconcile;
