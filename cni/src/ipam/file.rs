@@ -4,8 +4,9 @@
 //! Crash safety (host-local `disk/backend.go`): an address file is created with
 //! `O_CREAT|O_EXCL`, so two writers can never both hold one address, and it is fsynced together
 //! with the directory before the address is handed out, so a crash never forgets an allocation
-//! that a Pod already uses. Every process holds an exclusive `flock` on the directory while the
-//! store is open, which makes the allocator's read-then-write sequence atomic across processes.
+//! that a Pod already uses (releases are not synced: see `release`). Every process holds an
+//! exclusive `flock` on the directory while the store is open, which makes the allocator's
+//! read-then-write sequence atomic across processes.
 use std::{
     fs::{self, File, OpenOptions},
     io::{ErrorKind, Write},
@@ -98,9 +99,12 @@ impl Store for FileStore {
     }
 
     fn release(&mut self, ip: IpAddr) -> Result<(), StoreError> {
+        // No fsync here: a release lost in a crash only keeps an address held, which the runtime's
+        // DEL retry or GC releases again; it can never hand an address out twice. (An allocation
+        // lost in a crash could, which is why `reserve` syncs.)
         let path = self.dir.join(ip.to_string());
         match fs::remove_file(&path) {
-            Ok(()) => self.sync_dir(),
+            Ok(()) => Ok(()),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err(&path)(e)),
         }
