@@ -1,6 +1,4 @@
-//! `run`: source -> model -> (routes, CNI node file, metrics, status). The eBPF map writes plug in
-//! here through `reconcile` once the map wrappers exist; until then the desired state is computed,
-//! exposed and used for routes.
+//! `run`: source -> model -> reconcile (service maps) -> routes, CNI node file, metrics, status.
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::metrics::Metrics;
 use crate::model::{self, DesiredState, ModelConfig};
+use crate::reconcile::{self, Reconciler};
 use crate::routes::{self, RouteSync};
 use crate::source::{SourceState, Subscriber};
 
@@ -26,6 +25,11 @@ pub struct AgentStatus {
     pub frontends: usize,
     pub backends: usize,
     pub routes: usize,
+    /// Frontend entries and backends in the service maps (0 with `--no-maps`).
+    pub map_frontends: usize,
+    pub map_backends: usize,
+    /// IPv6 frontends not programmed (the IPv6 service maps do not exist yet).
+    pub skipped_ipv6_frontends: usize,
     /// The newest source or apply error; cleared by the next successful sync.
     pub last_error: Option<String>,
     /// Services (or parts) left out, with why.
@@ -86,6 +90,8 @@ pub struct Actions {
 pub enum ApplyError {
     #[error(transparent)]
     Routes(#[from] routes::RouteError),
+    #[error("programming the service maps")]
+    Maps(#[from] reconcile::ReconcileError),
     #[error("writing {path}")]
     Status {
         path: PathBuf,
@@ -96,7 +102,7 @@ pub enum ApplyError {
 
 /// Applies every new snapshot until the source goes away. A failed apply is reported (status,
 /// metrics, log) and retried with the next snapshot; it never stops the loop.
-pub async fn sync_loop(mut rx: Subscriber, actions: Actions, state: Arc<AgentState>) {
+pub async fn sync_loop(mut rx: Subscriber, actions: Actions, mut maps: Option<Reconciler>, state: Arc<AgentState>) {
     let mut routes = None;
     let mut last_applied: Option<Arc<model::ClusterObjects>> = None;
     loop {
@@ -108,7 +114,12 @@ pub async fn sync_loop(mut rx: Subscriber, actions: Actions, state: Arc<AgentSta
         if let Some(objects) = snapshot.objects.filter(|o| last_applied.as_ref().is_none_or(|l| !Arc::ptr_eq(l, o))) {
             let started = Instant::now();
             let desired = Arc::new(model::build(&objects, &actions.model));
-            let applied = apply(&desired, &actions, &mut routes).await;
+            let plan = reconcile::plan(&desired);
+            // Maps first: Services are what traffic depends on; a route failure must not hold them back.
+            let applied = match maps.as_mut().map(|r| r.apply(&plan)).transpose() {
+                Ok(_) => apply(&desired, &actions, &mut routes).await,
+                Err(e) => Err(ApplyError::from(e)),
+            };
             let took = started.elapsed();
             state.metrics.observe(&desired, took.as_secs_f64());
             *state.desired.lock().unwrap_or_else(|p| p.into_inner()) = Some(desired.clone());
@@ -121,12 +132,17 @@ pub async fn sync_loop(mut rx: Subscriber, actions: Actions, state: Arc<AgentSta
                 s.frontends = desired.frontend_count();
                 s.backends = desired.backend_count();
                 s.routes = routes.as_ref().map_or(0, |r: &RouteSync| r.installed().len());
+                s.map_frontends = maps.as_ref().map_or(0, Reconciler::frontend_count);
+                s.map_backends = maps.as_ref().map_or(0, Reconciler::backend_count);
+                s.skipped_ipv6_frontends = plan.skipped.ipv6_frontends;
                 s.service_errors = desired.errors.iter().map(ToString::to_string).collect();
                 s.last_error = match &applied {
                     Ok(()) => snapshot.last_error.clone(),
                     Err(e) => Some(crate::errors::error_chain(e)),
                 };
             });
+            state.metrics.map_frontends.set(status.map_frontends as i64);
+            state.metrics.map_backends.set(status.map_backends as i64);
             if let Err(e) = &applied {
                 tracing::warn!(error = %crate::errors::error_chain(e), "apply failed; retrying with the next snapshot");
             }

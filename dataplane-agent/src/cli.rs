@@ -1,4 +1,4 @@
-//! Command line: `dataplane-agent run|status|doctor`, each with `--output json`.
+//! Command line: `dataplane-agent run|status|services|doctor`, each with `--output json`.
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
@@ -29,8 +29,17 @@ pub enum Command {
     Run(RunArgs),
     /// Show the agent's sync state, counts, last error and pinned objects (works while it is down).
     Status(StatusArgs),
+    /// The frontend -> backends table, read from the pinned maps (works while the agent is down).
+    Services(ServicesArgs),
     /// Check that this host can run the data plane.
     Doctor(DoctorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServicesArgs {
+    /// bpffs directory holding the data plane's pins.
+    #[arg(long, default_value = "/sys/fs/bpf/dataplane", value_name = "DIR")]
+    pub pin_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -68,6 +77,12 @@ pub struct RunArgs {
     /// Directory for status.json.
     #[arg(long, default_value = "/run/dataplane", value_name = "DIR")]
     pub state_dir: PathBuf,
+    /// bpffs directory of the pinned maps; created (with the maps) when missing, re-used otherwise.
+    #[arg(long, default_value = "/sys/fs/bpf/dataplane", value_name = "DIR")]
+    pub pin_dir: PathBuf,
+    /// Compute and serve the desired state without touching the eBPF maps.
+    #[arg(long)]
+    pub no_maps: bool,
 }
 
 #[derive(Debug, Args)]

@@ -6,7 +6,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use dataplane_agent::agent::{self, Actions, AgentState, AgentStatus};
-use dataplane_agent::cli::{Cli, Command, DoctorArgs, Output, RunArgs, StatusArgs};
+use dataplane_agent::cli::{Cli, Command, DoctorArgs, Output, RunArgs, ServicesArgs, StatusArgs};
+use dataplane_agent::maps::{Source, lb::LbMaps};
+use dataplane_agent::reconcile::{self, Reconciler};
 use dataplane_agent::model::ModelConfig;
 use dataplane_agent::{doctor, http, source};
 
@@ -17,6 +19,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Status(args) => status(args, cli.output),
+        Command::Services(args) => services(args, cli.output),
         Command::Doctor(args) => Ok(doctor_cmd(args, cli.output)),
     };
     match result {
@@ -51,6 +54,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 tokio::spawn(source::kube::run(client, tx, Duration::from_millis(args.debounce_ms)));
             }
         }
+        let maps = if args.no_maps { None } else { Some(open_maps(&args.pin_dir)?) };
         let actions = Actions {
             model: ModelConfig {
                 node_name: args.node_name.clone(),
@@ -61,7 +65,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             node_file: (!args.no_node_file && args.node_name.is_some()).then(|| args.node_file.clone()),
             state_dir: Some(args.state_dir.clone()),
         };
-        let sync = tokio::spawn(agent::sync_loop(rx, actions, state.clone()));
+        let sync = tokio::spawn(agent::sync_loop(rx, actions, maps, state.clone()));
         let server = tokio::spawn(http::serve(listener, state));
 
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
@@ -73,6 +77,38 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Opens the service maps under `pin_dir`: loading the object re-uses pinned maps that exist and
+/// pins new ones otherwise; the reconciler then adopts whatever they hold.
+fn open_maps(pin_dir: &std::path::Path) -> anyhow::Result<Reconciler> {
+    std::fs::create_dir_all(pin_dir).with_context(|| format!("creating --pin-dir {}", pin_dir.display()))?;
+    let ebpf = dataplane_agent::loader::load(Some(pin_dir)).context("loading the eBPF object")?;
+    drop(ebpf); // the pins keep the maps; the reconciler opens its own handles
+    let lb = LbMaps::open(Source::Pinned(pin_dir)).context("opening the pinned service maps")?;
+    let r = Reconciler::new(lb).context("adopting the service maps' content")?;
+    tracing::info!(pin_dir = %pin_dir.display(), frontends = r.frontend_count(), backends = r.backend_count(), "service maps opened");
+    Ok(r)
+}
+
+fn services(args: ServicesArgs, output: Output) -> anyhow::Result<ExitCode> {
+    let lb = LbMaps::open(Source::Pinned(&args.pin_dir))
+        .with_context(|| format!("opening the service maps pinned under {} (is the agent installed on this node?)", args.pin_dir.display()))?;
+    let rows = reconcile::table(&lb)?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        Output::Text => {
+            println!("{:<24} {:<5} {:<9} {:<13} {:>5} {:>6}  BACKENDS", "FRONTEND", "PROTO", "SCOPE", "KIND", "FLAGS", "AFFIN");
+            for r in &rows {
+                let mut backends = r.backends.join(", ");
+                if !r.terminating_backends.is_empty() {
+                    backends.push_str(&format!(" | terminating: {}", r.terminating_backends.join(", ")));
+                }
+                println!("{:<24} {:<5} {:<9} {:<13} {:>5} {:>6}  {}", r.frontend, r.protocol, r.scope, r.kind, r.flags, r.affinity_timeout_s, if backends.is_empty() { "-".into() } else { backends });
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn status(args: StatusArgs, output: Output) -> anyhow::Result<ExitCode> {
@@ -95,6 +131,7 @@ fn status(args: StatusArgs, output: Output) -> anyhow::Result<ExitCode> {
                     println!("source:    {}", s.source);
                     println!("ready:     {} ({} syncs, last took {:.2} ms)", s.ready, s.syncs, s.last_sync_duration_ms.unwrap_or(0.0));
                     println!("services:  {}  frontends: {}  backends: {}  routes: {}", s.services, s.frontends, s.backends, s.routes);
+                    println!("maps:      {} frontend entries, {} backends ({} IPv6 frontends not programmed)", s.map_frontends, s.map_backends, s.skipped_ipv6_frontends);
                     println!("last error: {}", s.last_error.as_deref().unwrap_or("none"));
                     for e in &s.service_errors {
                         println!("  service error: {e}");

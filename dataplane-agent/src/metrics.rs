@@ -19,6 +19,9 @@ pub struct Metrics {
     pub backends: Gauge,
     pub invalid_services: Gauge,
     pub ready: Gauge,
+    /// Entries in the service maps, as the reconciler last wrote them.
+    pub map_frontends: Gauge,
+    pub map_backends: Gauge,
 }
 
 impl Default for Metrics {
@@ -36,6 +39,8 @@ impl Default for Metrics {
             backends: Gauge::default(),
             invalid_services: Gauge::default(),
             ready: Gauge::default(),
+            map_frontends: Gauge::default(),
+            map_backends: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("sync_duration_seconds", "Time from a source snapshot to the desired state applied", m.sync_seconds.clone());
@@ -46,6 +51,8 @@ impl Default for Metrics {
         registry.register("backends", "Backends over all Service ports in the desired state", m.backends.clone());
         registry.register("invalid_services", "Services or parts of Services left out because of errors", m.invalid_services.clone());
         registry.register("ready", "1 after the first full sync", m.ready.clone());
+        registry.register("map_frontend_entries", "Frontend entries (per scope) in the service maps", m.map_frontends.clone());
+        registry.register("map_backends", "Backends in the service maps", m.map_backends.clone());
         Metrics { registry, ..m }
     }
 }

@@ -56,7 +56,7 @@ fn bad_flags_get_clear_errors() {
         assert!(stderr.contains(want), "{args:?}: want {want:?} in:\n{stderr}");
     }
     // Valid flags, bad value found at start-up: exit 1 with the reason.
-    let out = agent(&["run", "--manifests", "/nonexistent/dpt-manifests", "--listen", "127.0.0.1:0"]);
+    let out = agent(&["run", "--no-maps", "--manifests", "/nonexistent/dpt-manifests", "--listen", "127.0.0.1:0"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("error: --manifests /nonexistent/dpt-manifests: No such file or directory"), "{stderr}");
@@ -98,7 +98,12 @@ fn copy_golden(case: &str, to: &Path) {
 }
 
 #[test]
-fn run_with_manifests_serves_health_metrics_status_and_node_file() {
+fn run_with_manifests_programs_maps_serves_health_metrics_status_and_node_file() {
+    if !dataplane_tests::require_kernel() {
+        return;
+    }
+    let pins = dataplane_tests::bpffs::PinDir::new();
+    let pin_dir = pins.path().to_str().unwrap().to_string();
     let tmp = TempDir::new();
     let manifests = tmp.0.join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
@@ -110,6 +115,7 @@ fn run_with_manifests_serves_health_metrics_status_and_node_file() {
         Command::new(BIN)
             .args(["run", "--manifests", manifests.to_str().unwrap(), "--manifests-poll-ms", "20", "--node-name", "node-a"])
             .args(["--listen", &format!("127.0.0.1:{port}"), "--state-dir", state_dir.to_str().unwrap(), "--node-file", node_file.to_str().unwrap()])
+            .args(["--pin-dir", &pin_dir])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -121,6 +127,11 @@ fn run_with_manifests_serves_health_metrics_status_and_node_file() {
     assert_eq!(metric(port, "dataplane_agent_frontends"), Some(3.0));
     assert!(metric(port, "dataplane_agent_sync_duration_seconds_count").unwrap() >= 1.0);
     assert_eq!(std::fs::read_to_string(&node_file).unwrap(), "{\"podCIDRs\":[\"10.244.0.0/24\",\"fd00:10:244::/64\"]}\n");
+    assert_eq!(metric(port, "dataplane_agent_map_frontend_entries"), Some(3.0));
+    let out = agent(&["services", "--pin-dir", &pin_dir]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(table.lines().any(|l| l.starts_with("10.96.0.10:53") && l.contains("UDP") && l.contains("10.244.0.3:53 (local)")), "{table}");
 
     // A change on disk is picked up; a broken file is reported and changes nothing.
     copy_golden("ingress-lb-local", &manifests);
@@ -147,10 +158,21 @@ fn run_with_manifests_serves_health_metrics_status_and_node_file() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(code.success(), "{code:?}");
-    // `status` still works with the agent gone.
+    // `status` and `services` still work with the agent gone; the maps were not flushed.
     let out = agent(&["status", "--state-dir", state_dir.to_str().unwrap(), "--pin-dir", "/nonexistent"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("services:  3"), "{text}");
+    let out = agent(&["services", "--output", "json", "--pin-dir", &pin_dir]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 15, "{rows:#}");
+}
+
+#[test]
+fn services_without_pins_explains() {
+    let out = agent(&["services", "--pin-dir", "/nonexistent/dpt-pins"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("opening the service maps pinned under /nonexistent/dpt-pins"), "{stderr}");
 }
 
 #[test]

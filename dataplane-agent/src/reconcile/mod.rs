@@ -24,8 +24,9 @@ pub enum ReconcileError {
     #[error("{what}")]
     Map {
         what: String,
+        // Boxed: aya's MapError is large and this error travels through every apply step.
         #[source]
-        source: MapsError,
+        source: Box<MapsError>,
     },
     #[error("out of {what} ids (all {max} in use)")]
     IdsExhausted { what: &'static str, max: u32 },
@@ -33,7 +34,7 @@ pub enum ReconcileError {
 
 fn map_err(what: impl Into<String>) -> impl FnOnce(MapsError) -> ReconcileError {
     let what = what.into();
-    move |source| ReconcileError::Map { what, source }
+    move |source| ReconcileError::Map { what, source: Box::new(source) }
 }
 
 /// Smallest-free id allocation in `1..max`, with a moving hint so that a run of allocations does
