@@ -25,6 +25,8 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub mod programs {
     /// XDP on the uplink: NodePort / LoadBalancer / externalIP, reverse NAT of remote replies.
     pub const XDP_INGRESS: &str = "dp_xdp_ingress";
+    /// Parsing plus one frontend lookup: the benchmark's floor, never attached.
+    pub const XDP_FLOOR: &str = "dp_xdp_floor";
     /// TC ingress on the host side of a pod's veth: ClusterIP per-packet LB, reverse NAT, hairpin.
     pub const TC_INGRESS: &str = "dp_tc_ingress";
     /// TC ingress on the uplink, where XDP cannot run: the XDP path at TC.
@@ -35,7 +37,7 @@ pub mod programs {
     pub const SOCK_SENDMSG4: &str = "dp_sock_sendmsg4";
     pub const SOCK_RECVMSG4: &str = "dp_sock_recvmsg4";
     pub const SOCK_GETPEERNAME4: &str = "dp_sock_getpeername4";
-    pub const XDP: [&str; 1] = [XDP_INGRESS];
+    pub const XDP: [&str; 2] = [XDP_INGRESS, XDP_FLOOR];
     pub const TC: [&str; 3] = [TC_INGRESS, TC_UPLINK, TC_EGRESS];
     pub const SOCK: [&str; 4] = [SOCK_CONNECT4, SOCK_SENDMSG4, SOCK_RECVMSG4, SOCK_GETPEERNAME4];
 }

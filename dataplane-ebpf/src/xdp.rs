@@ -88,3 +88,24 @@ fn forward(ctx: &XdpContext) -> u32 {
         unsafe { bpf_redirect(p.ifindex, 0) as u32 }
     }
 }
+
+/// The benchmark's floor: the same parsing and one frontend lookup, nothing else. Never attached;
+/// `bench-datapath` compares the service path against it.
+#[xdp]
+pub fn dp_xdp_floor(ctx: XdpContext) -> u32 {
+    let w = ctx.window();
+    let len = w.data_end - w.data;
+    match parse::parse(w, len) {
+        Ok(L3::Ipv4(m)) => {
+            // The floor passes everything by design; the map lookup is a helper call, which the
+            // compiler cannot drop although its result is unused.
+            let _ = crate::lb::lookup_service::<crate::maps::V4>(m.daddr_be, m.dport_be, m.proto, false);
+            xdp_action::XDP_PASS
+        }
+        Ok(_) => xdp_action::XDP_PASS,
+        Err(reason) => {
+            stats::count_drop(reason, len as u64);
+            xdp_action::XDP_DROP
+        }
+    }
+}

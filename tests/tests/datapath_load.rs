@@ -28,3 +28,51 @@ fn every_program_passes_the_verifier_and_pinned_maps_survive_a_reload() {
     let fe: HashMap<_, FrontendKey<Ip4>, Service> = HashMap::try_from(second.map(FRONTENDS4_MAP).unwrap()).unwrap();
     assert_eq!(fe.get(&key, 0).unwrap(), svc, "the entry written before the reload is still there");
 }
+
+/// The typed service-map wrapper refuses bad input with a reason and writes nothing; good input
+/// round-trips, and a shrinking update drops the slots it no longer counts.
+#[test]
+fn service_map_wrapper_refuses_bad_input_and_changes_nothing() {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use dataplane_agent::maps::{
+        MapsError, Source,
+        lb::{BackendSpec, LbMaps, Proto, Scope, ServiceSpec, frontend},
+    };
+    use dataplane_common::lb::ServiceKind;
+
+    if !require_kernel() {
+        return;
+    }
+    let mut ebpf = loader::load(None).expect("load");
+    let mut lb = LbMaps::open(Source::Ebpf(&mut ebpf)).unwrap();
+    let be = |last: u8| BackendSpec { addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 80), local: false, terminating: false };
+    lb.upsert_backend(1, be(1)).unwrap();
+    lb.upsert_backend(2, be(2)).unwrap();
+    let fe = frontend(Ipv4Addr::new(10, 96, 0, 1), 80, Proto::Tcp, Scope::External);
+    let spec = |active: Vec<u32>, rev: u32| ServiceSpec {
+        svc_id: 5,
+        kind: ServiceKind::ClusterIp,
+        flags: 0,
+        affinity_timeout_s: 0,
+        rev_nat_id: rev,
+        active,
+        terminating: vec![],
+    };
+    let invalid = |r: Result<(), MapsError>| matches!(r, Err(MapsError::Invalid { .. }));
+    assert!(invalid(lb.upsert_backend(0, be(3))), "backend id 0");
+    assert!(invalid(lb.upsert_backend(3, BackendSpec { addr: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 80), ..be(3) })));
+    assert!(invalid(lb.upsert_service(&fe, &spec(vec![1, 9], 1))), "unknown backend 9");
+    assert!(invalid(lb.upsert_service(&fe, &spec(vec![1], 0))), "rev-NAT id 0");
+    assert!(invalid(lb.set_rev_nat(u32::MAX, SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 1), 80))));
+    assert_eq!(lb.backend_ids().unwrap(), vec![1, 2], "refused backends were not written");
+    assert!(lb.frontends().unwrap().is_empty(), "refused services were not written");
+
+    lb.upsert_service(&fe, &spec(vec![1, 2], 1)).unwrap();
+    assert_eq!(lb.service(&fe).unwrap().unwrap(), spec(vec![1, 2], 1));
+    lb.upsert_service(&fe, &spec(vec![2], 1)).unwrap();
+    assert_eq!(lb.service(&fe).unwrap().unwrap().active, vec![2], "shrunk to one backend");
+    lb.remove_service(&fe).unwrap();
+    assert!(lb.service(&fe).unwrap().is_none());
+    lb.remove_service(&fe).expect("removing an absent service is not an error");
+}

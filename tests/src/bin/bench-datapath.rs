@@ -1,0 +1,137 @@
+//! `cargo xtask bench datapath`: BPF_PROG_RUN nanoseconds per packet of the service path against
+//! a floor program (parse + one hash lookup), with 1, 10k and 100k Services in the maps.
+//!
+//! Paths, all through the XDP uplink program on a LoadBalancer frontend with a local backend:
+//! - floor:  `dp_xdp_floor` on the request (parse + one frontend lookup);
+//! - miss:   a new connection (conntrack miss, backend selection, two conntrack inserts, DNAT);
+//! - hit:    the same flow again (conntrack hit, DNAT);
+//! - revnat: the backend's reply (conntrack reply hit, rev-NAT lookup, SNAT back to the frontend).
+//!
+//! Method: every sample is one BPF_PROG_RUN call with repeat = 1, because with repeat > 1 the
+//! program re-runs on its own rewritten output (a DNATed packet is no longer the same path) and a
+//! miss needs a fresh tuple every time. The kernel's per-run time then includes the same few tens
+//! of ns of test-harness overhead for every path, the floor included. Paths are interleaved within
+//! each round; a figure is the median over rounds of each round's median.
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use aya::programs::Xdp;
+use dataplane_agent::{
+    loader::{self, Config},
+    maps::{
+        Source,
+        ct::CtMap,
+        lb::{BackendSpec, LbMaps, Proto, Scope, ServiceSpec, frontend},
+    },
+};
+use dataplane_common::lb::ServiceKind;
+use dataplane_tests::{
+    bench::{Report, median},
+    packet::{self, L4},
+    prog_run,
+};
+
+const ROUNDS: usize = 7;
+const PER_ROUND: usize = 300;
+const XDP_PASS: u32 = 2;
+
+const LB: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), 80);
+const BACKEND: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 20), 8080);
+
+fn syn(src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
+    packet::ipv4(*src.ip(), *dst.ip(), L4::TcpSyn { sport: src.port(), dport: dst.port(), seq: 1 }, b"")
+}
+
+/// Loads fresh programs and fills the maps with `services` frontends (the measured one among them).
+fn setup(services: u32) -> (aya::Ebpf, LbMaps, CtMap) {
+    let cfg = Config { node_ips: vec![Ipv4Addr::new(192, 168, 1, 10)], ..Config::default() };
+    let mut ebpf = loader::load_with(None, &cfg).expect("load");
+    loader::verify_all(&mut ebpf).expect("verify");
+    let mut lb = LbMaps::open(Source::Ebpf(&mut ebpf)).expect("service maps");
+    let ct = CtMap::open(Source::Ebpf(&mut ebpf)).expect("conntrack map");
+    for b in 1..=16u32 {
+        let addr = SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 20 + b as u8 - 1), 8080);
+        lb.upsert_backend(b, BackendSpec { addr, local: true, terminating: false }).unwrap();
+    }
+    let spec = |id: u32, backends: Vec<u32>| ServiceSpec {
+        svc_id: id,
+        kind: ServiceKind::LoadBalancer,
+        flags: 0,
+        affinity_timeout_s: 0,
+        rev_nat_id: id,
+        active: backends,
+        terminating: vec![],
+    };
+    lb.set_rev_nat(1, LB).unwrap();
+    lb.upsert_service(&frontend(*LB.ip(), LB.port(), Proto::Tcp, Scope::External), &spec(1, vec![1])).unwrap();
+    for i in 2..=services {
+        // ClusterIP-like fillers spread over 10.96.0.0/12, two backends each.
+        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i);
+        lb.set_rev_nat(i, SocketAddrV4::new(ip, 80)).unwrap();
+        let fe = frontend(ip, 80, Proto::Tcp, Scope::External);
+        lb.upsert_service(&fe, &spec(i, vec![1 + i % 16, 1 + (i + 1) % 16])).unwrap();
+    }
+    (ebpf, lb, ct)
+}
+
+fn ns(prog: &Xdp, frame: &[u8], expect: Option<&[u8]>) -> f64 {
+    let out = prog_run::run(prog, frame);
+    assert_eq!(out.verdict, XDP_PASS, "unexpected verdict");
+    if let Some(want) = expect {
+        assert_eq!(out.data, want, "the path did not rewrite as expected");
+    }
+    out.ns_per_run as f64
+}
+
+fn main() {
+    dataplane_tests::kernel_available().unwrap_or_else(|e| panic!("bench-datapath needs the kernel: {e}"));
+    let mut report = Report::new("datapath");
+    for (label, services) in [("1", 1u32), ("10k", 10_000), ("100k", 100_000)] {
+        let (ebpf, _lb, ct) = setup(services);
+        let lb_prog: &Xdp = ebpf.program(loader::programs::XDP_INGRESS).unwrap().try_into().unwrap();
+        let floor_prog: &Xdp = ebpf.program(loader::programs::XDP_FLOOR).unwrap().try_into().unwrap();
+        let client = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 5), 40000);
+        let request = syn(client, LB);
+        let dnat = syn(client, BACKEND);
+        let reply = syn(BACKEND, client);
+        let reply_nat = syn(LB, client);
+        // Establish the flow the hit and revnat paths use.
+        ns(lb_prog, &request, Some(&dnat));
+        let mut rounds: [Vec<f64>; 4] = Default::default();
+        let mut next_port: u32 = 0;
+        for _ in 0..ROUNDS {
+            let mut samples: [Vec<f64>; 4] = Default::default();
+            for _ in 0..PER_ROUND {
+                samples[0].push(ns(floor_prog, &request, Some(&request)));
+                // A fresh tuple every time: a new source address/port pair.
+                next_port += 1;
+                let src = SocketAddrV4::new(Ipv4Addr::from(0xc633_6400 + (next_port >> 14)), 1024 + (next_port & 0x3fff) as u16);
+                samples[1].push(ns(lb_prog, &syn(src, LB), Some(&syn(src, BACKEND))));
+                samples[2].push(ns(lb_prog, &request, Some(&dnat)));
+                samples[3].push(ns(lb_prog, &reply, Some(&reply_nat)));
+            }
+            for (r, s) in rounds.iter_mut().zip(samples.iter_mut()) {
+                r.push(median(s));
+            }
+        }
+        let flows = ct.dump().expect("conntrack dump").len();
+        assert!(flows >= 2 * (ROUNDS * PER_ROUND), "every miss created its entries ({flows})");
+        let [floor, miss, hit, revnat] = rounds.map(|mut r| median(&mut r));
+        report.figure(&format!("floor_{label}_ns"), floor);
+        report.figure(&format!("miss_{label}_ns"), miss);
+        report.figure(&format!("hit_{label}_ns"), hit);
+        report.figure(&format!("revnat_{label}_ns"), revnat);
+        report.ratio(&format!("miss_{label}_vs_floor"), miss / floor);
+        report.ratio(&format!("hit_{label}_vs_floor"), hit / floor);
+        report.ratio(&format!("revnat_{label}_vs_floor"), revnat / floor);
+        report.goal(&format!("miss_{label}_vs_floor"), "<= 2.0");
+        report.goal(&format!("hit_{label}_vs_floor"), "<= 1.5");
+    }
+    for path in ["floor", "miss", "hit", "revnat"] {
+        let one = report.figures[&format!("{path}_1_ns")];
+        let big = report.figures[&format!("{path}_100k_ns")];
+        report.ratio(&format!("{path}_100k_vs_1"), big / one);
+        // "No growth beyond noise": noise between runs here is up to ~1.3x (../shared/TOOLCHAIN.md).
+        report.goal(&format!("{path}_100k_vs_1"), "<= 1.3");
+    }
+    report.finish();
+}
