@@ -16,8 +16,10 @@ use crate::{
 /// [`commit`]: Rollback::commit
 #[derive(Default)]
 struct Rollback<'a> {
-    steps: Vec<(&'static str, Box<dyn FnOnce() -> Result<(), PluginError> + 'a>)>,
+    steps: Vec<(&'static str, Undo<'a>)>,
 }
+
+type Undo<'a> = Box<dyn FnOnce() -> Result<(), PluginError> + 'a>;
 
 impl<'a> Rollback<'a> {
     fn push(&mut self, what: &'static str, undo: impl FnOnce() -> Result<(), PluginError> + 'a) {
@@ -47,7 +49,10 @@ fn release(config: &Config, env: &Env) -> Result<Vec<IpAddr>, PluginError> {
 
 pub fn add(env: &Env, config: &Config) -> Result<String, PluginError> {
     let pools = config.pools()?;
-    let netns_path = env.netns.as_deref().expect("Env::read requires CNI_NETNS for ADD");
+    let netns_path = env
+        .netns
+        .as_deref()
+        .expect("Env::read requires CNI_NETNS for ADD");
     // Opened before anything changes: a missing namespace fails with nothing to undo.
     let ns = netns::open_netns(netns_path)?;
     let host_name = host_veth_name(&config.conf.name, &env.container_id, &env.ifname);
@@ -65,11 +70,21 @@ pub fn add(env: &Env, config: &Config) -> Result<String, PluginError> {
     inject("ipam")?;
 
     nl.create_veth(&host_name, &env.ifname, &ns, config.conf.mtu)?;
-    rollback.push("veth pair", || nl.delete_link(&host_name).map(drop).map_err(PluginError::from));
+    rollback.push("veth pair", || {
+        nl.delete_link(&host_name)
+            .map(drop)
+            .map_err(PluginError::from)
+    });
     inject("veth")?;
 
-    let host = nl.link(&host_name)?.ok_or_else(|| NetnsError::LinkMissing { name: host_name.clone() })?;
-    let pod = netns::in_netns(&ns, netns_path, || Netlink::current()?.configure_pod(&env.ifname, &ips, &host.mac))?;
+    let host = nl
+        .link(&host_name)?
+        .ok_or_else(|| NetnsError::LinkMissing {
+            name: host_name.clone(),
+        })?;
+    let pod = netns::in_netns(&ns, netns_path, || {
+        Netlink::current()?.configure_pod(&env.ifname, &ips, &host.mac)
+    })?;
     inject("pod")?;
     nl.configure_host(&host_name, &ips)?;
     netns::enable_forwarding(&ips)?;
@@ -78,7 +93,12 @@ pub fn add(env: &Env, config: &Config) -> Result<String, PluginError> {
     let ours = CniResult {
         cni_version: String::new(),
         interfaces: vec![
-            Interface { name: host_name, mac: mac_string(&host.mac), mtu: Some(host.mtu), sandbox: None },
+            Interface {
+                name: host_name,
+                mac: mac_string(&host.mac),
+                mtu: Some(host.mtu),
+                sandbox: None,
+            },
             Interface {
                 name: env.ifname.clone(),
                 mac: mac_string(&pod.mac),
@@ -138,12 +158,15 @@ pub fn check(env: &Env, config: &Config) -> Result<(), PluginError> {
         .prev_result
         .as_ref()
         .ok_or_else(|| PluginError::InvalidConfig("CHECK needs prevResult".into()))?;
-    let prev: CniResult =
-        serde_json::from_value(prev.clone()).map_err(|e| PluginError::InvalidConfig(format!("prevResult: {e}")))?;
+    let prev: CniResult = serde_json::from_value(prev.clone())
+        .map_err(|e| PluginError::InvalidConfig(format!("prevResult: {e}")))?;
     let mut want = result_ips(&prev, &env.ifname);
     want.sort();
     if want.is_empty() {
-        return Err(PluginError::Check(format!("prevResult has no address for {}", env.ifname)));
+        return Err(PluginError::Check(format!(
+            "prevResult has no address for {}",
+            env.ifname
+        )));
     }
     let held = {
         let store = FileStore::open(&config.store_dir())?;
@@ -156,41 +179,62 @@ pub fn check(env: &Env, config: &Config) -> Result<(), PluginError> {
         held
     };
     if held != want {
-        return Err(PluginError::Check(format!("IPAM holds {held:?} for this attachment, prevResult says {want:?}")));
+        return Err(PluginError::Check(format!(
+            "IPAM holds {held:?} for this attachment, prevResult says {want:?}"
+        )));
     }
     let host_name = host_veth_name(&config.conf.name, &env.container_id, &env.ifname);
     let nl = Netlink::current()?;
-    let host = nl.link(&host_name)?.ok_or_else(|| PluginError::Check(format!("host veth {host_name} is missing")))?;
+    let host = nl
+        .link(&host_name)?
+        .ok_or_else(|| PluginError::Check(format!("host veth {host_name} is missing")))?;
     for &ip in &want {
-        let routed = nl.routes(ip)?.iter().any(|(dst, len, _, oif)| {
-            *dst == Some(ip) && *len == host_prefix(ip) && *oif == Some(host.index)
+        let routed = nl.routes(ip)?.iter().any(|r| {
+            r.dst == Some(ip) && r.prefix_len == host_prefix(ip) && r.oif == Some(host.index)
         });
         if !routed {
-            return Err(PluginError::Check(format!("no host route to {ip} via {host_name}")));
+            return Err(PluginError::Check(format!(
+                "no host route to {ip} via {host_name}"
+            )));
         }
     }
-    let netns_path = env.netns.as_deref().expect("Env::read requires CNI_NETNS for CHECK");
+    let netns_path = env
+        .netns
+        .as_deref()
+        .expect("Env::read requires CNI_NETNS for CHECK");
     let ns = netns::open_netns(netns_path)?;
     let mtu = config.conf.mtu;
     netns::in_netns(&ns, netns_path, || {
         let nl = Netlink::current()?;
-        let link = nl.link(&env.ifname)?.ok_or_else(|| NetnsError::Check(format!("{} is missing", env.ifname)))?;
+        let link = nl
+            .link(&env.ifname)?
+            .ok_or_else(|| NetnsError::Check(format!("{} is missing", env.ifname)))?;
         if let Some(mtu) = mtu
             && link.mtu != mtu
         {
-            return Err(NetnsError::Check(format!("{} has MTU {}, config says {mtu}", env.ifname, link.mtu)));
+            return Err(NetnsError::Check(format!(
+                "{} has MTU {}, config says {mtu}",
+                env.ifname, link.mtu
+            )));
         }
         let have = nl.addresses(link.index)?;
         for &ip in &want {
             if !have.contains(&ip) {
-                return Err(NetnsError::Check(format!("{} lacks address {ip}", env.ifname)));
+                return Err(NetnsError::Check(format!(
+                    "{} lacks address {ip}",
+                    env.ifname
+                )));
             }
             let gw = gateway_for(ip);
-            let default = nl.routes(ip)?.iter().any(|(_, len, via, oif)| {
-                *len == 0 && *via == Some(gw) && *oif == Some(link.index)
-            });
+            let default = nl
+                .routes(ip)?
+                .iter()
+                .any(|r| r.prefix_len == 0 && r.gateway == Some(gw) && r.oif == Some(link.index));
             if !default {
-                return Err(NetnsError::Check(format!("no default route via {gw} on {}", env.ifname)));
+                return Err(NetnsError::Check(format!(
+                    "no default route via {gw} on {}",
+                    env.ifname
+                )));
             }
         }
         Ok(())
@@ -202,12 +246,18 @@ pub fn check(env: &Env, config: &Config) -> Result<(), PluginError> {
 pub fn status(config: &Config) -> Result<(), PluginError> {
     let ready = &config.conf.readiness_file;
     if !Path::new(ready).exists() {
-        return Err(PluginError::NotAvailable(format!("the agent is not ready ({ready} does not exist)")));
+        return Err(PluginError::NotAvailable(format!(
+            "the agent is not ready ({ready} does not exist)"
+        )));
     }
-    let pools = config.pools().map_err(|e| PluginError::NotAvailable(e.to_string()))?;
+    let pools = config
+        .pools()
+        .map_err(|e| PluginError::NotAvailable(e.to_string()))?;
     let store = FileStore::open(&config.store_dir())?;
     if let Some(pool) = ipam::exhausted_pool(&store, &pools)? {
-        return Err(PluginError::NotAvailable(format!("pool {pool} is exhausted")));
+        return Err(PluginError::NotAvailable(format!(
+            "pool {pool} is exhausted"
+        )));
     }
     Ok(())
 }
@@ -215,11 +265,10 @@ pub fn status(config: &Config) -> Result<(), PluginError> {
 /// Releases every allocation (and its host veth, if any is left) not listed in
 /// `cni.dev/valid-attachments`.
 pub fn gc(config: &Config) -> Result<(), PluginError> {
-    let valid = config
-        .conf
-        .valid_attachments
-        .as_deref()
-        .ok_or_else(|| PluginError::InvalidConfig("GC needs cni.dev/valid-attachments".into()))?;
+    let valid =
+        config.conf.valid_attachments.as_deref().ok_or_else(|| {
+            PluginError::InvalidConfig("GC needs cni.dev/valid-attachments".into())
+        })?;
     let freed = {
         let mut store = FileStore::open(&config.store_dir())?;
         ipam::gc(&mut store, valid)?
@@ -227,7 +276,11 @@ pub fn gc(config: &Config) -> Result<(), PluginError> {
     if !freed.is_empty() {
         let nl = Netlink::current()?;
         for a in &freed {
-            nl.delete_link(&host_veth_name(&config.conf.name, &a.container_id, &a.ifname))?;
+            nl.delete_link(&host_veth_name(
+                &config.conf.name,
+                &a.container_id,
+                &a.ifname,
+            ))?;
         }
     }
     tracing::info!(released = freed.len(), "gc");

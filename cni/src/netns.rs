@@ -118,7 +118,10 @@ pub struct LinkInfo {
 }
 
 pub fn mac_string(mac: &[u8]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 impl Netlink {
@@ -140,7 +143,13 @@ impl Netlink {
 
     /// The interface called `name`, or `None` when there is none.
     pub fn link(&self, name: &str) -> Result<Option<LinkInfo>, NetnsError> {
-        let mut req = std::pin::pin!(self.handle.link().get().match_name(name.to_owned()).execute());
+        let mut req = std::pin::pin!(
+            self.handle
+                .link()
+                .get()
+                .match_name(name.to_owned())
+                .execute()
+        );
         match self.rt.block_on(req.try_next()) {
             Ok(Some(msg)) => Ok(Some(link_info(&msg))),
             Ok(None) => Ok(None),
@@ -150,19 +159,31 @@ impl Netlink {
     }
 
     fn require_link(&self, name: &str) -> Result<LinkInfo, NetnsError> {
-        self.link(name)?.ok_or_else(|| NetnsError::LinkMissing { name: name.into() })
+        self.link(name)?
+            .ok_or_else(|| NetnsError::LinkMissing { name: name.into() })
     }
 
     /// Creates the veth pair: `host` here, `peer` directly inside the namespace `peer_ns`, both
     /// with `mtu` (kernel default when `None`). Neither end is up yet.
-    pub fn create_veth(&self, host: &str, peer: &str, peer_ns: &File, mtu: Option<u32>) -> Result<(), NetnsError> {
-        let mut peer_msg = LinkMessageBuilder::<LinkUnspec>::new().name(peer).setns_by_fd(peer_ns.as_raw_fd());
-        let mut msg = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth).name(host);
+    pub fn create_veth(
+        &self,
+        host: &str,
+        peer: &str,
+        peer_ns: &File,
+        mtu: Option<u32>,
+    ) -> Result<(), NetnsError> {
+        let mut peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(peer)
+            .setns_by_fd(peer_ns.as_raw_fd());
+        let mut msg =
+            LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth).name(host);
         if let Some(mtu) = mtu {
             peer_msg = peer_msg.mtu(mtu);
             msg = msg.mtu(mtu);
         }
-        let msg = msg.set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg.build()))).build();
+        let msg = msg
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg.build())))
+            .build();
         self.rt
             .block_on(self.handle.link().add(msg).execute())
             .map_err(nl_err(format!("create veth {host} (peer {peer})")))
@@ -170,8 +191,13 @@ impl Netlink {
 
     /// Deletes `name` (and so its veth peer); `false` when it did not exist.
     pub fn delete_link(&self, name: &str) -> Result<bool, NetnsError> {
-        let Some(link) = self.link(name)? else { return Ok(false) };
-        match self.rt.block_on(self.handle.link().del(link.index).execute()) {
+        let Some(link) = self.link(name)? else {
+            return Ok(false);
+        };
+        match self
+            .rt
+            .block_on(self.handle.link().del(link.index).execute())
+        {
             Ok(()) => Ok(true),
             Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(false),
             Err(e) => Err(nl_err(format!("delete link {name}"))(e)),
@@ -180,26 +206,46 @@ impl Netlink {
 
     fn set_up(&self, index: u32, name: &str) -> Result<(), NetnsError> {
         let msg = LinkUnspec::new_with_index(index).up().build();
-        self.rt.block_on(self.handle.link().set(msg).execute()).map_err(nl_err(format!("set {name} up")))
+        self.rt
+            .block_on(self.handle.link().set(msg).execute())
+            .map_err(nl_err(format!("set {name} up")))
     }
 
     /// Pod side: addresses (without duplicate address detection, so they are usable at once), the
     /// link up, a permanent neighbour for each gateway, and default routes through it.
-    pub fn configure_pod(&self, ifname: &str, ips: &[IpAddr], host_mac: &[u8]) -> Result<LinkInfo, NetnsError> {
+    pub fn configure_pod(
+        &self,
+        ifname: &str,
+        ips: &[IpAddr],
+        host_mac: &[u8],
+    ) -> Result<LinkInfo, NetnsError> {
         let link = self.require_link(ifname)?;
         for &ip in ips {
             let mut req = self.handle.address().add(link.index, ip, host_prefix(ip));
-            req.message_mut().attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
-            self.rt.block_on(req.execute()).map_err(nl_err(format!("add address {ip} to {ifname}")))?;
+            req.message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            self.rt
+                .block_on(req.execute())
+                .map_err(nl_err(format!("add address {ip} to {ifname}")))?;
         }
         self.set_up(link.index, ifname)?;
         for gw in gateways(ips) {
-            let req = self.handle.neighbours().add(link.index, gw).link_layer_address(host_mac);
-            self.rt.block_on(req.execute()).map_err(nl_err(format!("add neighbour {gw} on {ifname}")))?;
+            let req = self
+                .handle
+                .neighbours()
+                .add(link.index, gw)
+                .link_layer_address(host_mac);
+            self.rt
+                .block_on(req.execute())
+                .map_err(nl_err(format!("add neighbour {gw} on {ifname}")))?;
             let route = RouteMessageBuilder::<IpAddr>::new()
                 .destination_prefix(unspecified(gw), 0)
                 .and_then(|r| r.gateway(gw))
-                .map_err(|e| NetnsError::Route { ip: gw, reason: e.to_string() })?
+                .map_err(|e| NetnsError::Route {
+                    ip: gw,
+                    reason: e.to_string(),
+                })?
                 .output_interface(link.index)
                 .onlink()
                 .build();
@@ -207,7 +253,9 @@ impl Netlink {
                 Ok(()) => {}
                 // A second attachment of the same Pod: the first one keeps the default route.
                 Err(e) if errno(&e) == Some(libc::EEXIST) => {
-                    tracing::warn!("{ifname}: the Pod already has a default route; not adding one via {gw}");
+                    tracing::warn!(
+                        "{ifname}: the Pod already has a default route; not adding one via {gw}"
+                    );
                 }
                 Err(e) => return Err(nl_err(format!("add default route via {gw} on {ifname}"))(e)),
             }
@@ -227,7 +275,10 @@ impl Netlink {
         for &ip in ips {
             let route = RouteMessageBuilder::<IpAddr>::new()
                 .destination_prefix(ip, host_prefix(ip))
-                .map_err(|e| NetnsError::Route { ip, reason: e.to_string() })?
+                .map_err(|e| NetnsError::Route {
+                    ip,
+                    reason: e.to_string(),
+                })?
                 .output_interface(link.index)
                 .scope(RouteScope::Link)
                 .build();
@@ -240,8 +291,16 @@ impl Netlink {
 
     /// The addresses on interface `index`.
     pub fn addresses(&self, index: u32) -> Result<Vec<IpAddr>, NetnsError> {
-        let req = self.handle.address().get().set_link_index_filter(index).execute();
-        let msgs: Vec<_> = self.rt.block_on(req.try_collect()).map_err(nl_err("list addresses"))?;
+        let req = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let msgs: Vec<_> = self
+            .rt
+            .block_on(req.try_collect())
+            .map_err(nl_err("list addresses"))?;
         Ok(msgs
             .iter()
             .flat_map(|m| &m.attributes)
@@ -252,14 +311,16 @@ impl Netlink {
             .collect())
     }
 
-    /// Routes of the main table, as (destination, prefix length, gateway, output interface).
-    pub fn routes(&self, family_of: IpAddr) -> Result<Vec<(Option<IpAddr>, u8, Option<IpAddr>, Option<u32>)>, NetnsError> {
+    /// The routes of the family of `family_of`.
+    pub fn routes(&self, family_of: IpAddr) -> Result<Vec<RouteEntry>, NetnsError> {
         let filter = match family_of {
             IpAddr::V4(_) => RouteMessageBuilder::<Ipv4Addr>::new().build(),
             IpAddr::V6(_) => RouteMessageBuilder::<Ipv6Addr>::new().build(),
         };
-        let msgs: Vec<_> =
-            self.rt.block_on(self.handle.route().get(filter).execute().try_collect()).map_err(nl_err("list routes"))?;
+        let msgs: Vec<_> = self
+            .rt
+            .block_on(self.handle.route().get(filter).execute().try_collect())
+            .map_err(nl_err("list routes"))?;
         Ok(msgs
             .iter()
             .map(|m| {
@@ -272,10 +333,24 @@ impl Netlink {
                         _ => {}
                     }
                 }
-                (dst, m.header.destination_prefix_length, gw, oif)
+                RouteEntry {
+                    dst,
+                    prefix_len: m.header.destination_prefix_length,
+                    gateway: gw,
+                    oif,
+                }
             })
             .collect())
     }
+}
+
+/// One route as CHECK looks at it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteEntry {
+    pub dst: Option<IpAddr>,
+    pub prefix_len: u8,
+    pub gateway: Option<IpAddr>,
+    pub oif: Option<u32>,
 }
 
 fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
@@ -287,7 +362,11 @@ fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
 }
 
 fn link_info(msg: &LinkMessage) -> LinkInfo {
-    let mut info = LinkInfo { index: msg.header.index, mac: Vec::new(), mtu: 0 };
+    let mut info = LinkInfo {
+        index: msg.header.index,
+        mac: Vec::new(),
+        mtu: 0,
+    };
     for a in &msg.attributes {
         match a {
             LinkAttribute::Address(mac) => info.mac = mac.clone(),
@@ -318,7 +397,10 @@ pub fn write_sysctl(path: &str, value: &str) -> Result<(), NetnsError> {
     if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == value) {
         return Ok(());
     }
-    std::fs::write(path, value).map_err(|source| NetnsError::Sysctl { path: path.into(), source })
+    std::fs::write(path, value).map_err(|source| NetnsError::Sysctl {
+        path: path.into(),
+        source,
+    })
 }
 
 /// Forwarding for each family in `ips`: the node routes every packet of a Pod.
@@ -334,7 +416,10 @@ pub fn enable_forwarding(ips: &[IpAddr]) -> Result<(), NetnsError> {
 
 /// Opens a network namespace file (CNI_NETNS) for entering or for creating a link inside it.
 pub fn open_netns(path: &Path) -> Result<File, NetnsError> {
-    File::open(path).map_err(|source| NetnsError::Open { path: path.to_owned(), source })
+    File::open(path).map_err(|source| NetnsError::Open {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Runs `f` on a new OS thread that has entered the network namespace `ns`; the caller's thread
@@ -346,7 +431,10 @@ pub fn in_netns<T: Send>(
 ) -> Result<T, NetnsError> {
     std::thread::scope(|s| {
         s.spawn(|| {
-            setns(ns, CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter { path: path.to_owned(), source })?;
+            setns(ns, CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
+                path: path.to_owned(),
+                source,
+            })?;
             f()
         })
         .join()

@@ -83,7 +83,9 @@ impl PluginError {
             PluginError::Ipam(IpamError::Exhausted { .. }) => Code::PoolExhausted,
             PluginError::Ipam(IpamError::AlreadyAttached { .. }) => Code::AlreadyAttached,
             PluginError::Ipam(IpamError::Store(_)) => Code::Store,
-            PluginError::Netns(NetnsError::Open { .. } | NetnsError::Enter { .. }) => Code::NetnsNotFound,
+            PluginError::Netns(NetnsError::Open { .. } | NetnsError::Enter { .. }) => {
+                Code::NetnsNotFound
+            }
             PluginError::Netns(NetnsError::Check(_)) | PluginError::Check(_) => Code::CheckFailed,
             PluginError::Netns(_) => Code::Netlink,
             // The agent has not written the node file yet: the runtime should retry shortly.
@@ -103,7 +105,12 @@ impl PluginError {
                 details.push_str(": ");
             }
         }
-        ErrorObject { cni_version: cni_version.to_owned(), code: self.code() as u32, msg: self.to_string(), details }
+        ErrorObject {
+            cni_version: cni_version.to_owned(),
+            code: self.code() as u32,
+            msg: self.to_string(),
+            details,
+        }
     }
 }
 
@@ -128,19 +135,23 @@ fn valid_ifname(name: &str) -> bool {
         && name.len() <= 15
         && name != "."
         && name != ".."
-        && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
 }
 
 impl Env {
     /// Reads the variables through `get` (the process environment in `main`).
     pub fn read(get: impl Fn(&str) -> Option<String>) -> Result<Env, PluginError> {
         let get = |k: &str| get(k).filter(|v| !v.is_empty());
-        let command = get("CNI_COMMAND").ok_or_else(|| PluginError::InvalidEnv("CNI_COMMAND is not set".into()))?;
+        let command = get("CNI_COMMAND")
+            .ok_or_else(|| PluginError::InvalidEnv("CNI_COMMAND is not set".into()))?;
         let command = Command::parse(&command)
             .ok_or_else(|| PluginError::InvalidEnv(format!("unknown CNI_COMMAND {command:?}")))?;
         let needs_attachment = matches!(command, Command::Add | Command::Del | Command::Check);
         let required = |k: &str| {
-            get(k).ok_or_else(|| PluginError::InvalidEnv(format!("{k} is required for {command:?}")))
+            get(k)
+                .ok_or_else(|| PluginError::InvalidEnv(format!("{k} is required for {command:?}")))
         };
         let (container_id, ifname) = if needs_attachment {
             (required("CNI_CONTAINERID")?, required("CNI_IFNAME")?)
@@ -148,17 +159,26 @@ impl Env {
             (String::new(), String::new())
         };
         if needs_attachment && !valid_container_id(&container_id) {
-            return Err(PluginError::InvalidEnv(format!("CNI_CONTAINERID {container_id:?} has invalid characters")));
+            return Err(PluginError::InvalidEnv(format!(
+                "CNI_CONTAINERID {container_id:?} has invalid characters"
+            )));
         }
         if needs_attachment && !valid_ifname(&ifname) {
-            return Err(PluginError::InvalidEnv(format!("CNI_IFNAME {ifname:?} is not a valid interface name")));
+            return Err(PluginError::InvalidEnv(format!(
+                "CNI_IFNAME {ifname:?} is not a valid interface name"
+            )));
         }
         // DEL may come after the namespace is gone; ADD and CHECK cannot work without it.
         let netns = match command {
             Command::Add | Command::Check => Some(PathBuf::from(required("CNI_NETNS")?)),
             _ => get("CNI_NETNS").map(PathBuf::from),
         };
-        Ok(Env { command, container_id, netns, ifname })
+        Ok(Env {
+            command,
+            container_id,
+            netns,
+            ifname,
+        })
     }
 }
 
@@ -172,7 +192,8 @@ pub struct Config {
 impl Config {
     /// Decodes stdin: not JSON is code 6, an unknown version 1, a wrong field or value 7.
     pub fn parse(stdin: &[u8]) -> Result<Config, PluginError> {
-        let value: serde_json::Value = serde_json::from_slice(stdin).map_err(PluginError::Decode)?;
+        let value: serde_json::Value =
+            serde_json::from_slice(stdin).map_err(PluginError::Decode)?;
         let version = value
             .get("cniVersion")
             .and_then(|v| v.as_str())
@@ -183,14 +204,20 @@ impl Config {
                 SUPPORTED_VERSIONS.join(", ")
             ))
         })?;
-        let conf: NetConf = serde_json::from_value(value).map_err(|e| PluginError::InvalidConfig(e.to_string()))?;
+        let conf: NetConf =
+            serde_json::from_value(value).map_err(|e| PluginError::InvalidConfig(e.to_string()))?;
         if conf.name.is_empty() || conf.name.contains('/') || conf.name.starts_with('.') {
-            return Err(PluginError::InvalidConfig(format!("network name {:?} is not usable", conf.name)));
+            return Err(PluginError::InvalidConfig(format!(
+                "network name {:?} is not usable",
+                conf.name
+            )));
         }
         if let Some(mtu) = conf.mtu
             && !(68..=65535).contains(&mtu)
         {
-            return Err(PluginError::InvalidConfig(format!("mtu {mtu} is outside 68..=65535")));
+            return Err(PluginError::InvalidConfig(format!(
+                "mtu {mtu} is outside 68..=65535"
+            )));
         }
         if let Some(cidrs) = &conf.pod_cidrs {
             parse_pools(cidrs).map_err(PluginError::InvalidConfig)?;
@@ -207,7 +234,8 @@ impl Config {
         let text = std::fs::read(path).map_err(|e| PluginError::NoPools(format!("{path}: {e}")))?;
         let node: NodeFile = serde_json::from_slice(&text)
             .map_err(|e| PluginError::InvalidConfig(format!("node file {path}: {e}")))?;
-        parse_pools(&node.pod_cidrs).map_err(|e| PluginError::InvalidConfig(format!("node file {path}: {e}")))
+        parse_pools(&node.pod_cidrs)
+            .map_err(|e| PluginError::InvalidConfig(format!("node file {path}: {e}")))
     }
 
     /// The IPAM store directory of this network.
@@ -226,9 +254,15 @@ pub fn parse_pools(cidrs: &[String]) -> Result<Vec<IpNet>, String> {
     for c in cidrs {
         let net: IpNet = c.parse().map_err(|e| format!("podCIDR {c:?}: {e}"))?;
         if net.trunc() != net {
-            return Err(format!("podCIDR {c:?} has host bits set (did you mean {}?)", net.trunc()));
+            return Err(format!(
+                "podCIDR {c:?} has host bits set (did you mean {}?)",
+                net.trunc()
+            ));
         }
-        if pools.iter().any(|p| p.addr().is_ipv4() == net.addr().is_ipv4()) {
+        if pools
+            .iter()
+            .any(|p| p.addr().is_ipv4() == net.addr().is_ipv4())
+        {
             return Err(format!("podCIDR {c:?}: only one pool per address family"));
         }
         pools.push(net);
@@ -241,7 +275,13 @@ pub fn parse_pools(cidrs: &[String]) -> Result<Vec<IpNet>, String> {
 /// the 15-byte limit.
 pub fn host_veth_name(network: &str, container_id: &str, ifname: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in network.bytes().chain([0]).chain(container_id.bytes()).chain([0]).chain(ifname.bytes()) {
+    for b in network
+        .bytes()
+        .chain([0])
+        .chain(container_id.bytes())
+        .chain([0])
+        .chain(ifname.bytes())
+    {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -265,6 +305,14 @@ pub fn run(get_env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Str
         return Ok(serde_json::to_string(&VersionInfo::default()).expect("serialisable"));
     }
     let config = Config::parse(stdin).map_err(|e| e.to_object(fallback))?;
+    if matches!(env.command, Command::Status | Command::Gc) && config.version < Version::V1_1_0 {
+        let e = PluginError::IncompatibleVersion(format!(
+            "{:?} needs cniVersion 1.1.0, the config has {}",
+            env.command,
+            config.version.as_str()
+        ));
+        return Err(e.to_object(config.version.as_str()));
+    }
     init_logging(&config.conf.log_file);
     let version = config.version.as_str();
     tracing::info!(command = ?env.command, container = %env.container_id, ifname = %env.ifname, network = %config.conf.name, "invoked");
@@ -289,7 +337,13 @@ fn init_logging(path: &str) {
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    let Ok(file) = std::fs::OpenOptions::new().create(true).append(true).open(path) else { return };
+    let Ok(file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    else {
+        return;
+    };
     let _ = tracing_subscriber::fmt()
         .with_writer(std::sync::Mutex::new(file))
         .with_ansi(false)
@@ -301,7 +355,11 @@ fn init_logging(path: &str) {
 pub fn result_ips(prev: &crate::spec::CniResult, ifname: &str) -> Vec<IpAddr> {
     prev.ips
         .iter()
-        .filter(|ip| ip.interface.and_then(|i| prev.interfaces.get(i)).is_some_and(|i| i.name == ifname))
+        .filter(|ip| {
+            ip.interface
+                .and_then(|i| prev.interfaces.get(i))
+                .is_some_and(|i| i.name == ifname)
+        })
         .map(|ip| ip.address.addr())
         .collect()
 }
@@ -313,7 +371,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |k| map.get(k).cloned()
     }
 
@@ -322,16 +383,42 @@ mod tests {
         for pairs in [
             vec![],
             vec![("CNI_COMMAND", "FROB")],
-            vec![("CNI_COMMAND", "ADD"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", "/x")],
-            vec![("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c"), ("CNI_NETNS", "/x")],
-            vec![("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "eth0")],
-            vec![("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c/../x"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", "/x")],
-            vec![("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "a-very-long-ifname")],
+            vec![
+                ("CNI_COMMAND", "ADD"),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_NETNS", "/x"),
+            ],
+            vec![
+                ("CNI_COMMAND", "ADD"),
+                ("CNI_CONTAINERID", "c"),
+                ("CNI_NETNS", "/x"),
+            ],
+            vec![
+                ("CNI_COMMAND", "ADD"),
+                ("CNI_CONTAINERID", "c"),
+                ("CNI_IFNAME", "eth0"),
+            ],
+            vec![
+                ("CNI_COMMAND", "ADD"),
+                ("CNI_CONTAINERID", "c/../x"),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_NETNS", "/x"),
+            ],
+            vec![
+                ("CNI_COMMAND", "DEL"),
+                ("CNI_CONTAINERID", "c"),
+                ("CNI_IFNAME", "a-very-long-ifname"),
+            ],
         ] {
             let e = Env::read(env(&pairs)).unwrap_err();
             assert_eq!(e.code(), Code::InvalidEnvironment, "{pairs:?}: {e}");
         }
-        let ok = Env::read(env(&[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "c1"), ("CNI_IFNAME", "eth0")])).unwrap();
+        let ok = Env::read(env(&[
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_IFNAME", "eth0"),
+        ]))
+        .unwrap();
         assert_eq!(ok.netns, None, "DEL without a namespace is fine");
     }
 
@@ -339,14 +426,30 @@ mod tests {
     fn config_errors_have_their_codes() {
         let cases: [(&str, Code); 6] = [
             ("{not json", Code::Decoding),
-            (r#"{"cniVersion":"0.3.1","name":"n","type":"t"}"#, Code::IncompatibleVersion),
+            (
+                r#"{"cniVersion":"0.3.1","name":"n","type":"t"}"#,
+                Code::IncompatibleVersion,
+            ),
             (r#"{"name":"n","type":"t"}"#, Code::InvalidConfig),
-            (r#"{"cniVersion":"1.1.0","name":"n","type":"t","podCIDRs":["10.0.0.0/33"]}"#, Code::InvalidConfig),
-            (r#"{"cniVersion":"1.1.0","name":"n","type":"t","podCIDRs":["10.0.0.1/24"]}"#, Code::InvalidConfig),
-            (r#"{"cniVersion":"1.1.0","name":"n","type":"t","mtu":20}"#, Code::InvalidConfig),
+            (
+                r#"{"cniVersion":"1.1.0","name":"n","type":"t","podCIDRs":["10.0.0.0/33"]}"#,
+                Code::InvalidConfig,
+            ),
+            (
+                r#"{"cniVersion":"1.1.0","name":"n","type":"t","podCIDRs":["10.0.0.1/24"]}"#,
+                Code::InvalidConfig,
+            ),
+            (
+                r#"{"cniVersion":"1.1.0","name":"n","type":"t","mtu":20}"#,
+                Code::InvalidConfig,
+            ),
         ];
         for (text, code) in cases {
-            assert_eq!(Config::parse(text.as_bytes()).unwrap_err().code(), code, "{text}");
+            assert_eq!(
+                Config::parse(text.as_bytes()).unwrap_err().code(),
+                code,
+                "{text}"
+            );
         }
         let two_v4 = vec!["10.0.0.0/24".to_string(), "10.1.0.0/24".to_string()];
         assert!(parse_pools(&two_v4).is_err());
@@ -356,10 +459,22 @@ mod tests {
     fn version_needs_no_config_and_errors_are_objects() {
         let out = run(env(&[("CNI_COMMAND", "VERSION")]), b"").unwrap();
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(v["supportedVersions"], serde_json::json!(["0.4.0", "1.0.0", "1.1.0"]));
+        assert_eq!(
+            v["supportedVersions"],
+            serde_json::json!(["0.4.0", "1.0.0", "1.1.0"])
+        );
         let err = run(env(&[("CNI_COMMAND", "STATUS")]), b"[1,").unwrap_err();
         assert_eq!(err.code, 6);
         assert!(!err.msg.is_empty());
+        let old = br#"{"cniVersion":"1.0.0","name":"n","type":"t","podCIDRs":["10.0.0.0/24"]}"#;
+        for command in ["STATUS", "GC"] {
+            let err = run(env(&[("CNI_COMMAND", command)]), old).unwrap_err();
+            assert_eq!(
+                (err.code, err.cni_version.as_str()),
+                (1, "1.0.0"),
+                "{command}"
+            );
+        }
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub enum Code {
     Store = 104,
     /// CHECK found the attachment not as ADD left it.
     CheckFailed = 105,
+    /// A bug: the plugin panicked. Reported like any other failure, never as silence.
+    Internal = 198,
     /// A failure injected through the debug variable (tests of the rollback).
     Injected = 199,
 }
@@ -214,8 +216,14 @@ impl CniResult {
     pub fn for_version(mut self, version: Version) -> CniResult {
         self.cni_version = version.as_str().to_owned();
         for ip in &mut self.ips {
-            ip.version = (version == Version::V0_4_0)
-                .then(|| if ip.address.addr().is_ipv4() { "4" } else { "6" }.to_owned());
+            ip.version = (version == Version::V0_4_0).then(|| {
+                if ip.address.addr().is_ipv4() {
+                    "4"
+                } else {
+                    "6"
+                }
+                .to_owned()
+            });
         }
         if version < Version::V1_1_0 {
             for iface in &mut self.interfaces {
@@ -249,7 +257,10 @@ pub struct VersionInfo {
 
 impl Default for VersionInfo {
     fn default() -> Self {
-        VersionInfo { cni_version: CURRENT_VERSION, supported_versions: SUPPORTED_VERSIONS }
+        VersionInfo {
+            cni_version: CURRENT_VERSION,
+            supported_versions: SUPPORTED_VERSIONS,
+        }
     }
 }
 

@@ -16,8 +16,10 @@ fn bad_inputs_get_their_code_and_change_nothing() {
     // A /30 holds two Pods: after two ADDs the pool is exhausted.
     let conf = node.conf("1.1.0", json!({"podCIDRs": ["10.244.9.0/30"]}));
     let (pod1, pod2, pod3) = (NetNs::new(), NetNs::new(), NetNs::new());
-    node.cmd("ADD", "c1", "eth0", Some(&pod1), &conf).expect_ok();
-    node.cmd("ADD", "c2", "eth0", Some(&pod2), &conf).expect_ok();
+    node.cmd("ADD", "c1", "eth0", Some(&pod1), &conf)
+        .expect_ok();
+    node.cmd("ADD", "c2", "eth0", Some(&pod2), &conf)
+        .expect_ok();
     let pods = [&pod1, &pod2, &pod3];
     let before = node.snapshot(&pods);
     let netns3 = pod3.path().display().to_string();
@@ -31,26 +33,73 @@ fn bad_inputs_get_their_code_and_change_nothing() {
         ]
     };
     let without = |key: &str| -> Vec<(&'static str, String)> {
-        add_env("c3", &netns3).into_iter().filter(|(k, _)| *k != key).collect()
+        add_env("c3", &netns3)
+            .into_iter()
+            .filter(|(k, _)| *k != key)
+            .collect()
     };
-    let with_version = |v: &str| node.conf(v, json!({"podCIDRs": ["10.244.9.0/30"]})).to_string();
-    let bad_cidr = node.conf("1.1.0", json!({"podCIDRs": ["10.244.9.0/33"]})).to_string();
-    let host_bits = node.conf("1.1.0", json!({"podCIDRs": ["10.244.9.1/30"]})).to_string();
+    let with_version = |v: &str| {
+        node.conf(v, json!({"podCIDRs": ["10.244.9.0/30"]}))
+            .to_string()
+    };
+    let bad_cidr = node
+        .conf("1.1.0", json!({"podCIDRs": ["10.244.9.0/33"]}))
+        .to_string();
+    let host_bits = node
+        .conf("1.1.0", json!({"podCIDRs": ["10.244.9.1/30"]}))
+        .to_string();
     let good = conf.to_string();
 
-    let cases: Vec<(&str, Vec<(&'static str, String)>, String, u64)> = vec![
-        ("malformed JSON", add_env("c3", &netns3), "{\"cniVersion\": \"1.1.0\", ".into(), 6),
-        ("missing CNI_COMMAND", without("CNI_COMMAND"), good.clone(), 4),
-        ("missing CNI_CONTAINERID", without("CNI_CONTAINERID"), good.clone(), 4),
+    // (what, environment, stdin, expected code)
+    type Env = Vec<(&'static str, String)>;
+    let cases: Vec<(&str, Env, String, u64)> = vec![
+        (
+            "malformed JSON",
+            add_env("c3", &netns3),
+            "{\"cniVersion\": \"1.1.0\", ".into(),
+            6,
+        ),
+        (
+            "missing CNI_COMMAND",
+            without("CNI_COMMAND"),
+            good.clone(),
+            4,
+        ),
+        (
+            "missing CNI_CONTAINERID",
+            without("CNI_CONTAINERID"),
+            good.clone(),
+            4,
+        ),
         ("missing CNI_NETNS", without("CNI_NETNS"), good.clone(), 4),
         ("missing CNI_IFNAME", without("CNI_IFNAME"), good.clone(), 4),
-        ("unknown cniVersion", add_env("c3", &netns3), with_version("0.3.1"), 1),
-        ("future cniVersion", add_env("c3", &netns3), with_version("9.9.9"), 1),
+        (
+            "unknown cniVersion",
+            add_env("c3", &netns3),
+            with_version("0.3.1"),
+            1,
+        ),
+        (
+            "future cniVersion",
+            add_env("c3", &netns3),
+            with_version("9.9.9"),
+            1,
+        ),
         ("bad CIDR", add_env("c3", &netns3), bad_cidr, 7),
         ("CIDR with host bits", add_env("c3", &netns3), host_bits, 7),
         ("exhausted pool", add_env("c3", &netns3), good.clone(), 100),
-        ("netns that does not exist", add_env("c3", "/run/netns/dpt-does-not-exist"), good.clone(), 102),
-        ("second ADD for the same container", add_env("c1", &netns3), good.clone(), 101),
+        (
+            "netns that does not exist",
+            add_env("c3", "/run/netns/dpt-does-not-exist"),
+            good.clone(),
+            102,
+        ),
+        (
+            "second ADD for the same container",
+            add_env("c1", &netns3),
+            good.clone(),
+            101,
+        ),
     ];
     for (what, env, stdin, code) in cases {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -60,8 +109,10 @@ fn bad_inputs_get_their_code_and_change_nothing() {
         assert_eq!(node.snapshot(&pods), before, "{what} changed something");
     }
     assert!(links(&pod3).is_empty());
-    node.cmd("DEL", "c1", "eth0", Some(&pod1), &conf).expect_ok();
-    node.cmd("DEL", "c2", "eth0", Some(&pod2), &conf).expect_ok();
+    node.cmd("DEL", "c1", "eth0", Some(&pod1), &conf)
+        .expect_ok();
+    node.cmd("DEL", "c2", "eth0", Some(&pod2), &conf)
+        .expect_ok();
 }
 
 #[test]
@@ -83,17 +134,28 @@ fn injected_failures_are_rolled_back() {
             ("CNI_PATH", "/opt/cni/bin"),
             (dataplane_cni::plugin::FAIL_AFTER_VAR, step),
         ];
-        node.call(&env, conf.to_string().as_bytes()).expect_code(199);
-        assert!(node.allocations().is_empty(), "after {step}: {:?}", node.allocations());
-        assert!(node.host_links().is_empty(), "after {step}: {:?}", node.host_links());
+        node.call(&env, conf.to_string().as_bytes())
+            .expect_code(199);
+        assert!(
+            node.allocations().is_empty(),
+            "after {step}: {:?}",
+            node.allocations()
+        );
+        assert!(
+            node.host_links().is_empty(),
+            "after {step}: {:?}",
+            node.host_links()
+        );
         assert!(links(&pod).is_empty(), "after {step}: {:?}", links(&pod));
         assert_eq!(node.snapshot(&[&pod]), before, "after {step}");
         let log = std::fs::read_to_string(node.dir.0.join("cni.log")).unwrap();
         assert!(log.contains("rolled back: IPAM allocation"), "{log}");
     }
     // The same attachment then succeeds: nothing of the failed attempts is in the way.
-    node.cmd("ADD", "doomed", "eth0", Some(&pod), &conf).expect_ok();
-    node.cmd("DEL", "doomed", "eth0", Some(&pod), &conf).expect_ok();
+    node.cmd("ADD", "doomed", "eth0", Some(&pod), &conf)
+        .expect_ok();
+    node.cmd("DEL", "doomed", "eth0", Some(&pod), &conf)
+        .expect_ok();
 }
 
 #[test]
@@ -111,21 +173,39 @@ fn status_and_the_node_file() {
     status().expect_code(50); // no readiness file
     write(&node.dir.0.join("ready"), "");
     status().expect_code(50); // no node file: pools unknown
-    node.cmd("ADD", "p1", "eth0", Some(&pod1), &conf).expect_code(11); // try again later
+    node.cmd("ADD", "p1", "eth0", Some(&pod1), &conf)
+        .expect_code(11); // try again later
     assert!(node.allocations().is_empty());
 
-    write(&node.dir.0.join("node.json"), r#"{"podCIDRs": ["10.244.7.0/31"]}"#);
+    write(
+        &node.dir.0.join("node.json"),
+        r#"{"podCIDRs": ["10.244.7.0/31"]}"#,
+    );
     status().expect_ok();
-    let r = node.cmd("ADD", "p1", "eth0", Some(&pod1), &conf).expect_ok().json.unwrap();
-    assert_eq!(r["ips"][0]["address"], "10.244.7.0/32", "a /31 has two usable addresses");
-    node.cmd("ADD", "p2", "eth0", Some(&pod2), &conf).expect_ok();
+    let r = node
+        .cmd("ADD", "p1", "eth0", Some(&pod1), &conf)
+        .expect_ok()
+        .json
+        .unwrap();
+    assert_eq!(
+        r["ips"][0]["address"], "10.244.7.0/32",
+        "a /31 has two usable addresses"
+    );
+    node.cmd("ADD", "p2", "eth0", Some(&pod2), &conf)
+        .expect_ok();
     status().expect_code(50); // exhausted
-    node.cmd("DEL", "p2", "eth0", Some(&pod2), &conf).expect_ok();
+    node.cmd("DEL", "p2", "eth0", Some(&pod2), &conf)
+        .expect_ok();
     status().expect_ok();
 
-    write(&node.dir.0.join("node.json"), r#"{"podCIDRs": ["not-a-cidr"]}"#);
-    node.cmd("ADD", "p3", "eth0", Some(&pod2), &conf).expect_code(7);
-    node.cmd("DEL", "p1", "eth0", Some(&pod1), &conf).expect_ok();
+    write(
+        &node.dir.0.join("node.json"),
+        r#"{"podCIDRs": ["not-a-cidr"]}"#,
+    );
+    node.cmd("ADD", "p3", "eth0", Some(&pod2), &conf)
+        .expect_code(7);
+    node.cmd("DEL", "p1", "eth0", Some(&pod1), &conf)
+        .expect_ok();
     assert!(node.allocations().is_empty());
 }
 
@@ -135,10 +215,15 @@ fn version_and_old_configs() {
         return;
     }
     let node = Node::new();
-    let out = node.call(&[("CNI_COMMAND", "VERSION")], b"").expect_ok().json.unwrap();
+    let out = node
+        .call(&[("CNI_COMMAND", "VERSION")], b"")
+        .expect_ok()
+        .json
+        .unwrap();
     assert_eq!(out["cniVersion"], "1.1.0");
     assert_eq!(out["supportedVersions"], json!(["0.4.0", "1.0.0", "1.1.0"]));
     // GC without the list of valid attachments would release everything: refused.
     let conf = node.conf("1.1.0", json!({}));
-    node.call(&[("CNI_COMMAND", "GC")], conf.to_string().as_bytes()).expect_code(7);
+    node.call(&[("CNI_COMMAND", "GC")], conf.to_string().as_bytes())
+        .expect_code(7);
 }

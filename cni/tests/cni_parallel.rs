@@ -27,7 +27,10 @@ fn run_all(node: &Node, command: &str, pods: &[NetNs], conf: &str) -> Vec<common
             node.spawn(&env, conf.as_bytes())
         })
         .collect();
-    children.into_iter().map(|c| common::Outcome::from(c.wait_with_output().unwrap())).collect()
+    children
+        .into_iter()
+        .map(|c| common::Outcome::from(c.wait_with_output().unwrap()))
+        .collect()
 }
 
 #[test]
@@ -36,7 +39,12 @@ fn parallel_adds_and_dels_from_200_processes() {
         return;
     }
     let node = Node::new();
-    let conf = node.conf("1.1.0", json!({"podCIDRs": ["10.244.3.0/24", "fd00:10:244:3::/120"]})).to_string();
+    let conf = node
+        .conf(
+            "1.1.0",
+            json!({"podCIDRs": ["10.244.3.0/24", "fd00:10:244:3::/120"]}),
+        )
+        .to_string();
     let pods: Vec<NetNs> = (0..PODS).map(|_| NetNs::new()).collect();
 
     let t = Instant::now();
@@ -53,16 +61,32 @@ fn parallel_adds_and_dels_from_200_processes() {
     assert_eq!(seen.len(), 2 * PODS);
     assert_eq!(node.allocations().len(), 2 * PODS);
     assert_eq!(node.host_links().len(), PODS);
-    let owners: HashSet<String> = node.allocations().into_iter().map(|(_, owner)| owner).collect();
-    assert_eq!(owners.len(), PODS, "each attachment holds exactly one address per family");
+    let owners: HashSet<String> = node
+        .allocations()
+        .into_iter()
+        .map(|(_, owner)| owner)
+        .collect();
+    assert_eq!(
+        owners.len(),
+        PODS,
+        "each attachment holds exactly one address per family"
+    );
 
     let t = Instant::now();
     for out in run_all(&node, "DEL", &pods, &conf) {
         out.expect_ok();
     }
     eprintln!("{PODS} parallel DELs: {:?}", t.elapsed());
-    assert!(node.allocations().is_empty(), "leaked: {:?}", node.allocations());
-    assert!(node.host_links().is_empty(), "leaked links: {:?}", node.host_links());
+    assert!(
+        node.allocations().is_empty(),
+        "leaked: {:?}",
+        node.allocations()
+    );
+    assert!(
+        node.host_links().is_empty(),
+        "leaked links: {:?}",
+        node.host_links()
+    );
     let routes = node.ns.ip(&["route"]);
     assert!(!routes.contains("10.244.3."), "leaked routes: {routes}");
 }

@@ -29,7 +29,10 @@ pub struct FileStore {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io { path: path.to_owned(), source }
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 impl FileStore {
@@ -37,9 +40,15 @@ impl FileStore {
     pub fn open(dir: &Path) -> Result<FileStore, StoreError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let handle = File::open(dir).map_err(io_err(dir))?;
-        let lock = Flock::lock(handle, FlockArg::LockExclusive)
-            .map_err(|(_, errno)| StoreError::Io { path: dir.to_owned(), source: errno.into() })?;
-        Ok(FileStore { dir: dir.to_owned(), lock })
+        let lock =
+            Flock::lock(handle, FlockArg::LockExclusive).map_err(|(_, errno)| StoreError::Io {
+                path: dir.to_owned(),
+                source: errno.into(),
+            })?;
+        Ok(FileStore {
+            dir: dir.to_owned(),
+            lock,
+        })
     }
 
     fn sync_dir(&self) -> Result<(), StoreError> {
@@ -47,7 +56,10 @@ impl FileStore {
     }
 
     fn last_path(&self, pool: &IpNet) -> PathBuf {
-        self.dir.join(format!("{LAST_PREFIX}{}", pool.to_string().replace('/', "_")))
+        self.dir.join(format!(
+            "{LAST_PREFIX}{}",
+            pool.to_string().replace('/', "_")
+        ))
     }
 
     fn read_record(path: &Path, ip: IpAddr) -> Result<Allocation, StoreError> {
@@ -55,7 +67,11 @@ impl FileStore {
         let mut lines = text.lines();
         let container_id = lines.next().unwrap_or_default().trim().to_owned();
         let ifname = lines.next().unwrap_or_default().trim().to_owned();
-        Ok(Allocation { ip, container_id, ifname })
+        Ok(Allocation {
+            ip,
+            container_id,
+            ifname,
+        })
     }
 }
 
@@ -65,7 +81,11 @@ impl Store for FileStore {
         for entry in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
             let entry = entry.map_err(io_err(&self.dir))?;
             // Only files named by an address are records; temporary and bookkeeping files are not.
-            let Some(ip) = entry.file_name().to_str().and_then(|n| n.parse::<IpAddr>().ok()) else {
+            let Some(ip) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<IpAddr>().ok())
+            else {
                 continue;
             };
             match Self::read_record(&entry.path(), ip) {
@@ -146,7 +166,10 @@ mod tests {
     #[test]
     fn records_survive_reopening_and_are_exclusive() {
         let dir = tempdir();
-        let pools: [IpNet; 2] = ["10.1.0.0/24".parse().unwrap(), "fd00:1::/64".parse().unwrap()];
+        let pools: [IpNet; 2] = [
+            "10.1.0.0/24".parse().unwrap(),
+            "fd00:1::/64".parse().unwrap(),
+        ];
         {
             let mut s = FileStore::open(&dir).unwrap();
             ipam::allocate(&mut s, &pools, "c1", "eth0").unwrap();
@@ -156,10 +179,20 @@ mod tests {
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].container_id, "c1");
         assert_eq!(all[0].ifname, "eth0");
-        assert_eq!(fs::read_to_string(dir.join("10.1.0.1")).unwrap(), "c1\neth0\n");
-        let dup = Allocation { ip: all[0].ip, container_id: "c2".into(), ifname: "eth0".into() };
+        assert_eq!(
+            fs::read_to_string(dir.join("10.1.0.1")).unwrap(),
+            "c1\neth0\n"
+        );
+        let dup = Allocation {
+            ip: all[0].ip,
+            container_id: "c2".into(),
+            ifname: "eth0".into(),
+        };
         assert!(!s.reserve(&dup).unwrap(), "O_EXCL refuses a held address");
-        assert_eq!(fs::read_to_string(dir.join("10.1.0.1")).unwrap(), "c1\neth0\n");
+        assert_eq!(
+            fs::read_to_string(dir.join("10.1.0.1")).unwrap(),
+            "c1\neth0\n"
+        );
         // Round-robin state survives too.
         let next = ipam::allocate(&mut s, &pools, "c2", "eth0").unwrap();
         assert_eq!(next[0].to_string(), "10.1.0.2");
@@ -180,13 +213,17 @@ mod tests {
                     (0..10)
                         .map(|j| {
                             let mut s = FileStore::open(&dir).unwrap();
-                            ipam::allocate(&mut s, &[pool], &format!("c{i}-{j}"), "eth0").unwrap()[0]
+                            ipam::allocate(&mut s, &[pool], &format!("c{i}-{j}"), "eth0").unwrap()
+                                [0]
                         })
                         .collect::<Vec<_>>()
                 })
             })
             .collect();
-        let mut all: Vec<IpAddr> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        let mut all: Vec<IpAddr> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
         all.sort();
         all.dedup();
         assert_eq!(all.len(), 80, "no address handed out twice");

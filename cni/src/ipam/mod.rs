@@ -57,7 +57,11 @@ pub enum IpamError {
     #[error("pool {pool} is exhausted ({size} addresses, all allocated)")]
     Exhausted { pool: IpNet, size: u128 },
     #[error("container {container_id} interface {ifname} already holds {ips:?}")]
-    AlreadyAttached { container_id: String, ifname: String, ips: Vec<IpAddr> },
+    AlreadyAttached {
+        container_id: String,
+        ifname: String,
+        ips: Vec<IpAddr>,
+    },
 }
 
 /// Addresses as integers, so one code path serves IPv4 and IPv6.
@@ -103,8 +107,11 @@ pub fn allocate(
     ifname: &str,
 ) -> Result<Vec<IpAddr>, IpamError> {
     let existing = store.allocations()?;
-    let held: Vec<IpAddr> =
-        existing.iter().filter(|a| a.belongs_to(container_id, ifname)).map(|a| a.ip).collect();
+    let held: Vec<IpAddr> = existing
+        .iter()
+        .filter(|a| a.belongs_to(container_id, ifname))
+        .map(|a| a.ip)
+        .collect();
     if !held.is_empty() {
         return Err(IpamError::AlreadyAttached {
             container_id: container_id.into(),
@@ -150,7 +157,11 @@ fn allocate_one(
     for _ in 0..=used {
         let ip = from_u128(pool, n);
         if !taken.contains(&ip) {
-            let a = Allocation { ip, container_id: container_id.into(), ifname: ifname.into() };
+            let a = Allocation {
+                ip,
+                container_id: container_id.into(),
+                ifname: ifname.into(),
+            };
             if store.reserve(&a)? {
                 store.set_last_reserved(pool, ip)?;
                 return Ok(ip);
@@ -163,7 +174,11 @@ fn allocate_one(
 
 /// Releases what `(container_id, ifname)` holds; returns the addresses (empty when none: DEL of an
 /// unknown container succeeds).
-pub fn release(store: &mut impl Store, container_id: &str, ifname: &str) -> Result<Vec<IpAddr>, IpamError> {
+pub fn release(
+    store: &mut impl Store,
+    container_id: &str,
+    ifname: &str,
+) -> Result<Vec<IpAddr>, IpamError> {
     let mut freed = Vec::new();
     for a in store.allocations()? {
         if a.belongs_to(container_id, ifname) {
@@ -178,7 +193,10 @@ pub fn release(store: &mut impl Store, container_id: &str, ifname: &str) -> Resu
 pub fn gc(store: &mut impl Store, valid: &[Attachment]) -> Result<Vec<Allocation>, IpamError> {
     let mut freed = Vec::new();
     for a in store.allocations()? {
-        if !valid.iter().any(|v| a.belongs_to(&v.container_id, &v.ifname)) {
+        if !valid
+            .iter()
+            .any(|v| a.belongs_to(&v.container_id, &v.ifname))
+        {
             store.release(a.ip)?;
             freed.push(a);
         }
@@ -218,7 +236,13 @@ mod tests {
         let pools = [net("10.0.0.0/29"), net("fd00::/125")];
         let mut s = MemStore::default();
         let a = allocate(&mut s, &pools, "c1", "eth0").unwrap();
-        assert_eq!(a, vec!["10.0.0.1".parse::<IpAddr>().unwrap(), "fd00::1".parse().unwrap()]);
+        assert_eq!(
+            a,
+            vec![
+                "10.0.0.1".parse::<IpAddr>().unwrap(),
+                "fd00::1".parse().unwrap()
+            ]
+        );
         let b = allocate(&mut s, &pools, "c2", "eth0").unwrap();
         assert_eq!(b[0], "10.0.0.2".parse::<IpAddr>().unwrap());
         release(&mut s, "c1", "eth0").unwrap();
@@ -235,10 +259,16 @@ mod tests {
         allocate(&mut s, &pools, "b", "eth0").unwrap();
         assert_eq!(exhausted_pool(&s, &pools).unwrap(), Some(pools[0]));
         let before = s.allocations().unwrap();
-        assert!(matches!(allocate(&mut s, &pools, "c", "eth0"), Err(IpamError::Exhausted { size: 2, .. })));
+        assert!(matches!(
+            allocate(&mut s, &pools, "c", "eth0"),
+            Err(IpamError::Exhausted { size: 2, .. })
+        ));
         assert_eq!(s.allocations().unwrap(), before);
         release(&mut s, "a", "eth0").unwrap();
-        assert_eq!(allocate(&mut s, &pools, "c", "eth0").unwrap()[0], "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            allocate(&mut s, &pools, "c", "eth0").unwrap()[0],
+            "10.0.0.1".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]
@@ -246,7 +276,10 @@ mod tests {
         let pools = [net("10.0.0.0/24")];
         let mut s = MemStore::default();
         allocate(&mut s, &pools, "a", "eth0").unwrap();
-        assert!(matches!(allocate(&mut s, &pools, "a", "eth0"), Err(IpamError::AlreadyAttached { .. })));
+        assert!(matches!(
+            allocate(&mut s, &pools, "a", "eth0"),
+            Err(IpamError::AlreadyAttached { .. })
+        ));
         // Another interface of the same container is a different attachment.
         allocate(&mut s, &pools, "a", "net1").unwrap();
         assert_eq!(s.allocations().unwrap().len(), 2);
@@ -257,8 +290,15 @@ mod tests {
         let pools = [net("10.0.0.0/24"), net("fd00::1/128")];
         let mut s = MemStore::default();
         allocate(&mut s, &pools, "a", "eth0").unwrap();
-        assert!(matches!(allocate(&mut s, &pools, "b", "eth0"), Err(IpamError::Exhausted { .. })));
-        assert_eq!(s.allocations().unwrap().len(), 2, "b's IPv4 address was given back");
+        assert!(matches!(
+            allocate(&mut s, &pools, "b", "eth0"),
+            Err(IpamError::Exhausted { .. })
+        ));
+        assert_eq!(
+            s.allocations().unwrap().len(),
+            2,
+            "b's IPv4 address was given back"
+        );
     }
 
     #[test]
@@ -268,7 +308,10 @@ mod tests {
         for id in ["a", "b", "c"] {
             allocate(&mut s, &pools, id, "eth0").unwrap();
         }
-        let valid = [Attachment { container_id: "b".into(), ifname: "eth0".into() }];
+        let valid = [Attachment {
+            container_id: "b".into(),
+            ifname: "eth0".into(),
+        }];
         let freed = gc(&mut s, &valid).unwrap();
         assert_eq!(freed.len(), 2);
         let left = s.allocations().unwrap();

@@ -49,7 +49,11 @@ impl Node {
         let ns = NetNs::new();
         ns.ip(&["addr", "add", &format!("{NODE_V4}/32"), "dev", "lo"]);
         ns.ip(&["addr", "add", &format!("{NODE_V6}/128"), "dev", "lo"]);
-        Node { ns, dir: TempDir::new(), network: "dpt-net".into() }
+        Node {
+            ns,
+            dir: TempDir::new(),
+            network: "dpt-net".into(),
+        }
     }
 
     /// A network config with this node's private paths; `extra` is merged over it.
@@ -81,11 +85,22 @@ impl Node {
 
     /// Address files in the store, with their contents (bookkeeping files left out).
     pub fn allocations(&self) -> Vec<(String, String)> {
-        let Ok(rd) = std::fs::read_dir(self.store_dir()) else { return Vec::new() };
+        let Ok(rd) = std::fs::read_dir(self.store_dir()) else {
+            return Vec::new();
+        };
         let mut v: Vec<(String, String)> = rd
             .flatten()
-            .filter(|e| e.file_name().to_str().is_some_and(|n| n.parse::<std::net::IpAddr>().is_ok()))
-            .map(|e| (e.file_name().into_string().unwrap(), std::fs::read_to_string(e.path()).unwrap()))
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.parse::<std::net::IpAddr>().is_ok())
+            })
+            .map(|e| {
+                (
+                    e.file_name().into_string().unwrap(),
+                    std::fs::read_to_string(e.path()).unwrap(),
+                )
+            })
             .collect();
         v.sort();
         v
@@ -113,7 +128,14 @@ impl Node {
     }
 
     /// ADD/DEL/CHECK for (container, ifname) in `pod`.
-    pub fn cmd(&self, command: &str, container: &str, ifname: &str, pod: Option<&NetNs>, conf: &Value) -> Outcome {
+    pub fn cmd(
+        &self,
+        command: &str,
+        container: &str,
+        ifname: &str,
+        pod: Option<&NetNs>,
+        conf: &Value,
+    ) -> Outcome {
         let netns = pod.map(|p| p.path().display().to_string());
         let mut env = vec![
             ("CNI_COMMAND", command),
@@ -148,17 +170,33 @@ pub fn kernel_state(ns: &NetNs) -> String {
     let mut s = String::new();
     let links: Value = serde_json::from_str(&ns.ip(&["-j", "-d", "link"])).unwrap();
     for l in links.as_array().unwrap() {
-        s.push_str(&format!("link {} {} mtu {} {}\n", l["ifname"], l["address"], l["mtu"], l["linkinfo"]["info_kind"]));
+        s.push_str(&format!(
+            "link {} {} mtu {} {}\n",
+            l["ifname"], l["address"], l["mtu"], l["linkinfo"]["info_kind"]
+        ));
     }
     let addrs: Value = serde_json::from_str(&ns.ip(&["-j", "addr"])).unwrap();
     for l in addrs.as_array().unwrap() {
-        for a in l["addr_info"].as_array().unwrap().iter().filter(|a| a["scope"] != "link") {
-            s.push_str(&format!("addr {} {}/{}\n", l["ifname"], a["local"], a["prefixlen"]));
+        for a in l["addr_info"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["scope"] != "link")
+        {
+            s.push_str(&format!(
+                "addr {} {}/{}\n",
+                l["ifname"], a["local"], a["prefixlen"]
+            ));
         }
     }
     s.push_str(&ns.ip(&["route"]));
     s.push_str(&ns.ip(&["-6", "route"]));
-    s.extend(ns.ip(&["neigh"]).lines().filter(|l| l.contains("PERMANENT")).map(|l| format!("{l}\n")));
+    s.extend(
+        ns.ip(&["neigh"])
+            .lines()
+            .filter(|l| l.contains("PERMANENT"))
+            .map(|l| format!("{l}\n")),
+    );
     s
 }
 
@@ -186,9 +224,15 @@ impl From<Output> for Outcome {
     fn from(o: Output) -> Outcome {
         let stdout = String::from_utf8(o.stdout).unwrap();
         let json = (!stdout.trim().is_empty()).then(|| {
-            serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {stdout}"))
+            serde_json::from_str(&stdout)
+                .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {stdout}"))
         });
-        Outcome { ok: o.status.success(), stdout, stderr: String::from_utf8_lossy(&o.stderr).into(), json }
+        Outcome {
+            ok: o.status.success(),
+            stdout,
+            stderr: String::from_utf8_lossy(&o.stderr).into(),
+            json,
+        }
     }
 }
 
@@ -200,8 +244,14 @@ impl Outcome {
 
     /// Asserts a failure with a CNI error object carrying `code`.
     pub fn expect_code(self, code: u64) -> Value {
-        assert!(!self.ok, "expected error code {code}, but the plugin succeeded: {}", self.stdout);
-        let err = self.json.unwrap_or_else(|| panic!("no error object on stdout: {}", self.stderr));
+        assert!(
+            !self.ok,
+            "expected error code {code}, but the plugin succeeded: {}",
+            self.stdout
+        );
+        let err = self
+            .json
+            .unwrap_or_else(|| panic!("no error object on stdout: {}", self.stderr));
         assert_eq!(err["code"], code, "{err}");
         assert!(err["msg"].as_str().is_some_and(|m| !m.is_empty()), "{err}");
         assert!(err["cniVersion"].is_string(), "{err}");
@@ -213,16 +263,30 @@ impl Outcome {
 /// the two namespaces.
 pub fn udp_roundtrip(from: &NetNs, to: &NetNs, to_addr: SocketAddr) {
     let server = to.run(move || UdpSocket::bind(to_addr).expect("bind the server"));
-    server.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let any: SocketAddr = if to_addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let any: SocketAddr = if to_addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .unwrap();
     let client = from.run(move || UdpSocket::bind(any).unwrap());
-    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     client.send_to(b"hello", to_addr).unwrap();
     let mut buf = [0u8; 16];
-    let (n, peer) = server.recv_from(&mut buf).unwrap_or_else(|e| panic!("no datagram reached {to_addr}: {e}"));
+    let (n, peer) = server
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("no datagram reached {to_addr}: {e}"));
     assert_eq!(&buf[..n], b"hello");
     server.send_to(b"back", peer).unwrap();
-    let (n, _) = client.recv_from(&mut buf).unwrap_or_else(|e| panic!("no reply from {to_addr}: {e}"));
+    let (n, _) = client
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("no reply from {to_addr}: {e}"));
     assert_eq!(&buf[..n], b"back");
 }
 
