@@ -1,5 +1,6 @@
 //! The per-packet service path: reverse NAT of replies, conntrack hits, and new connections to a
 //! frontend (backend selection, DNAT, SNAT when needed). Shared by XDP on the uplink and TC.
+use aya_ebpf::bindings::BPF_NOEXIST;
 use dataplane_common::{
     affinity::AffinityKey,
     ct::{CT_FLAG_EXTERNAL, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY, CtEntry, CtKey},
@@ -176,14 +177,20 @@ pub fn handle<P: Rewrite>(p: &P, m: &Ipv4Meta, origin: Origin, len: u64) -> Resu
         flags,
         _pad: [0; 3],
     };
-    // SAFETY: copied out at once.
-    if let Some(other) = unsafe { V4::ct().get(&rkey).copied() } {
-        if other.orig_addr != m.saddr_be || other.orig_port_be != m.sport_be {
-            return Err(DropReason::SnatCollision);
+    // The reply entry first: once the forward entry exists, a reply may arrive. BPF_NOEXIST
+    // makes the common case one map operation; only when the tuple is taken is it looked at.
+    if V4::ct().insert(&rkey, &reply, BPF_NOEXIST as u64).is_err() {
+        // SAFETY: copied out at once.
+        match unsafe { V4::ct().get(&rkey).copied() } {
+            // The same client re-selected (its forward entry was evicted or its backend
+            // changed): refresh the entry.
+            Some(other) if other.orig_addr == m.saddr_be && other.orig_port_be == m.sport_be => {
+                V4::ct().insert(&rkey, &reply, 0).map_err(|_| DropReason::MapUpdateFailed)?;
+            }
+            Some(_) => return Err(DropReason::SnatCollision),
+            None => return Err(DropReason::MapUpdateFailed),
         }
     }
-    // The reply entry first: once the forward entry exists, a reply may arrive.
-    V4::ct().insert(&rkey, &reply, 0).map_err(|_| DropReason::MapUpdateFailed)?;
     V4::ct().insert(&fkey, &fwd, 0).map_err(|_| DropReason::MapUpdateFailed)?;
     count_service(svc.rev_nat_id, len);
     apply_forward(p, m, &fwd)
