@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod bpffs;
 pub mod cgroup;
+pub mod cluster;
 pub mod cmd;
 pub mod netns;
 pub mod packet;

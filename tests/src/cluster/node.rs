@@ -1,0 +1,162 @@
+//! One node: a netns with an uplink on the underlay, a cgroup v2 sub-tree, a bpffs pin directory,
+//! a state directory, and the agent process that programs it.
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use serde_json::Value;
+
+use super::{
+    ClusterError, wait_for,
+    proc::{self, Binaries, Proc},
+};
+use crate::{bpffs::PinDir, cgroup::Cgroup, netns::NetNs};
+
+/// The node's interface on the underlay, where XDP/TC attach.
+pub const UPLINK: &str = "eth0";
+
+#[derive(Debug)]
+pub struct Node {
+    /// `node-<n>`: the Kubernetes Node name.
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub pod_cidr: String,
+    /// Port of the agent's /healthz, /status, /metrics on the node's loopback.
+    pub http_port: u16,
+    pub(super) agent: Option<Proc>,
+    pub netns: NetNs,
+    pub cgroup: Cgroup,
+    pub pins: PinDir,
+    /// State directory: agent status, CNI node file, IPAM store, logs.
+    pub dir: PathBuf,
+    pub(super) manifests: PathBuf,
+    pub(super) bins: Binaries,
+}
+
+impl Node {
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    pub fn node_file(&self) -> PathBuf {
+        self.dir.join("node.json")
+    }
+
+    pub fn agent_log(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+
+    /// The agent command line (after the program name). Flags the agent binary does not have
+    /// are left out with a warning ([`Binaries::agent_run_flags`]), so that the parts that do
+    /// exist can be tested while the agent grows; the tests of what is missing then fail on
+    /// behaviour, with the warning in their output.
+    pub fn agent_args(&self) -> Vec<String> {
+        let s = |p: &Path| p.display().to_string();
+        let flags: [(&str, Option<String>); 10] = [
+            ("--manifests", Some(s(&self.manifests))),
+            ("--manifests-poll-ms", Some("50".into())),
+            ("--node-name", Some(self.name.clone())),
+            ("--routes", None),
+            ("--listen", Some(format!("127.0.0.1:{}", self.http_port))),
+            ("--state-dir", Some(s(&self.state_dir()))),
+            ("--node-file", Some(s(&self.node_file()))),
+            ("--pin-dir", Some(s(self.pins.path()))),
+            ("--cgroup-root", Some(s(self.cgroup.path()))),
+            ("--uplink", Some(UPLINK.into())),
+        ];
+        let mut args = vec!["run".to_string()];
+        for (flag, value) in flags {
+            if !self.bins.agent_run_flags.iter().any(|f| f == flag) {
+                eprintln!("warning: `dataplane-agent run` has no {flag}; starting it without");
+                continue;
+            }
+            args.push(flag.into());
+            args.extend(value);
+        }
+        args
+    }
+
+    /// Starts the agent inside the node's netns and an `agent` cgroup under the node's cgroup
+    /// (so killing the node's cgroup takes it along), and waits until it has synced once.
+    pub fn start_agent(&mut self) -> Result<(), ClusterError> {
+        let cg = self.cgroup.path().join("agent");
+        if !cg.exists() {
+            fs::create_dir(&cg).map_err(|e| ClusterError::Io { what: format!("mkdir {}", cg.display()), source: e })?;
+        }
+        let args = self.agent_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let log = fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.agent_log())
+            .map_err(|e| ClusterError::Io { what: "agent log".into(), source: e })?;
+        let mut cmd = proc::command(self.netns.name(), Some(&cg), &self.bins.agent, &args)?;
+        // Plain text in the log file (tracing-subscriber honours NO_COLOR).
+        cmd.env("NO_COLOR", "1");
+        let before = self.syncs();
+        let log2 = log.try_clone().map_err(|e| ClusterError::Io { what: "agent log".into(), source: e })?;
+        self.agent = Some(Proc::spawn(format!("agent on {}", self.name), cmd, Stdio::from(log), Stdio::from(log2))?);
+        self.wait_synced(before, Duration::from_secs(20))
+    }
+
+    /// SIGKILLs the agent (the data plane stays programmed through its pins).
+    pub fn kill_agent(&mut self) {
+        if let Some(mut p) = self.agent.take() {
+            p.kill();
+        }
+    }
+
+    /// The agent's `status.json`, if written yet.
+    pub fn status(&self) -> Option<Value> {
+        let bytes = fs::read(self.state_dir().join("status.json")).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// How many syncs the agent has done (0 before the first, or without an agent).
+    pub fn syncs(&self) -> u64 {
+        self.status().and_then(|s| s["syncs"].as_u64()).unwrap_or(0)
+    }
+
+    /// Waits until the agent reports a sync newer than `before`; fails early if it died.
+    pub fn wait_synced(&mut self, before: u64, timeout: Duration) -> Result<(), ClusterError> {
+        let what = format!("agent on {} to sync", self.name);
+        wait_for(&what, timeout, || {
+            if let Some(agent) = self.agent.as_mut()
+                && !agent.alive()
+            {
+                return Some(Err(ClusterError::AgentDied { node: self.name.clone(), log: self.log_tail() }));
+            }
+            let s = self.status()?;
+            (s["syncs"].as_u64().unwrap_or(0) > before && s["ready"] == true).then_some(Ok(()))
+        })
+        .map_err(|e| match e {
+            ClusterError::Timeout { what, .. } => ClusterError::Timeout { what, detail: self.log_tail() },
+            e => e,
+        })?
+    }
+
+    /// The last lines the agent logged.
+    pub fn log_tail(&self) -> String {
+        let text = fs::read_to_string(self.agent_log()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    /// `dataplane-agent <args>` run inside the node (e.g. `services`), returning its stdout.
+    pub fn agent_cli(&self, args: &[&str]) -> Result<String, ClusterError> {
+        let cmd = proc::command(self.netns.name(), None, &self.bins.agent, args)?;
+        let out = proc::output(&format!("dataplane-agent {}", args.join(" ")), cmd)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // The agent goes first; then netns, cgroup (kills what is left inside) and pins.
+        self.kill_agent();
+    }
+}
