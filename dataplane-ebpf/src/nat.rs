@@ -24,9 +24,9 @@ pub enum Outcome {
     /// Rewritten; the local stack routes it on (DNAT to a local or routed backend, reverse NAT
     /// towards a local client).
     Translated,
-    /// Rewritten with a node source or towards an external client: the stack would drop it as a
-    /// martian (its source is a local address), so the caller forwards it itself (XDP: FIB lookup
-    /// and redirect).
+    /// Rewritten with a node source (SNAT) or a reply towards an external client (its source is
+    /// the frontend, a node address for NodePort): the stack would drop it as a martian, so the
+    /// caller forwards it itself (FIB lookup and redirect, `fib`).
     Forward,
 }
 
@@ -96,8 +96,7 @@ pub fn handle<P: Rewrite>(p: &P, m: &Ipv4Meta, origin: Origin, len: u64) -> Resu
             set_dst(p, m, e.orig_addr, e.orig_port_be)?;
         }
         count_service(e.rev_nat_id, len);
-        let ext = e.flags & CT_FLAG_EXTERNAL != 0 && e.flags & CT_FLAG_SNAT != 0;
-        return Ok(if ext { Outcome::Forward } else { Outcome::Translated });
+        return Ok(if e.flags & CT_FLAG_EXTERNAL != 0 { Outcome::Forward } else { Outcome::Translated });
     }
     // 2. A known connection keeps its backend, as long as that backend still exists.
     let fkey = ct_key(m, CT_FORWARD);

@@ -10,7 +10,7 @@ use aya_ebpf::{
 use dataplane_common::metrics::{DropReason, Hook};
 
 use crate::{
-    nat::{self, Origin},
+    nat::{self, Origin, Outcome},
     parse::{self, L3, Window},
     stats,
 };
@@ -52,9 +52,9 @@ fn try_tc(ctx: &TcContext, len: u64, origin: Option<Origin>) -> Result<i32, Drop
     let w = Window { data: ctx.data(), data_end: ctx.data_end() };
     let l3 = parse::parse(w, len as usize)?;
     if let (L3::Ipv4(meta), Some(origin)) = (l3, origin) {
-        // Every outcome continues through the stack: TC forwards nothing itself (a SNATed
-        // external reply at TC is the XDP-less fallback, routed by the stack).
-        nat::handle(ctx, &meta, origin, len)?;
+        if nat::handle(ctx, &meta, origin, len)? == Outcome::Forward {
+            return Ok(crate::fib::tc_forward(ctx));
+        }
     }
     Ok(TC_ACT_OK)
 }

@@ -40,6 +40,7 @@ const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
 
 const fn sa(a: u8, b: u8, c: u8, d: u8, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::new(a, b, c, d), port)
@@ -429,6 +430,23 @@ fn rows() -> Vec<Row> {
             ct: vec![ct(true, POD_AS_BACKEND, SocketAddrV4::new(HAIRPIN_IP, POD.port()), Proto::Tcp, VIP, POD, 4, 1, snat)],
             affinity: None,
             counted: Some(1),
+        },
+        Row {
+            what: "NodePort reply from a local backend at its veth: reverse NAT, FIB redirect to the client",
+            prog: Prog::TcPod,
+            seed: Box::new(move |m| {
+                backends(m);
+                svc(m, NODEPORT, Proto::Tcp, ServiceKind::NodePort, 0, 0, 10, &[1]);
+                let (k, e) = ct_entry(&ct(true, LOCAL_BE, CLIENT, Proto::Tcp, NODEPORT, CLIENT, 1, 10, ext));
+                m.ct.insert(k, e).unwrap();
+            }),
+            input: frame(Tcp, LOCAL_BE, CLIENT),
+            verdict: TC_ACT_REDIRECT,
+            output: Some(with_macs(frame(Tcp, NODEPORT, CLIENT), GATEWAY_MAC, NODE_MAC)),
+            drop: None,
+            ct: vec![ct(true, LOCAL_BE, CLIENT, Proto::Tcp, NODEPORT, CLIENT, 1, 10, ext)],
+            affinity: None,
+            counted: Some(10),
         },
         Row {
             what: "reply whose rev-NAT entry is gone: dropped, not leaked with the backend address",
