@@ -190,7 +190,9 @@ pub fn kernel_state(ns: &NetNs) -> String {
         }
     }
     s.push_str(&ns.ip(&["route"]));
-    s.push_str(&ns.ip(&["-6", "route"]));
+    // The kernel adds fe80::/64 once linkwatch reports the carrier, which may lag the plugin.
+    let v6 = ns.ip(&["-6", "route"]);
+    s.extend(v6.lines().filter(|l| !l.starts_with("fe80::/64")).map(|l| format!("{l}\n")));
     s.extend(
         ns.ip(&["neigh"])
             .lines()
