@@ -1,5 +1,7 @@
 //! `dataplane-cni`: the CNI plugin binary. Reads the `CNI_*` environment and the network config on
 //! stdin, prints the result (or a CNI error object) on stdout, and exits non-zero on failure.
+#![forbid(unsafe_code)]
+
 use std::io::{Read, Write};
 
 use dataplane_cni::spec::{CURRENT_VERSION, Code, ErrorObject};
