@@ -246,3 +246,31 @@ fn chained_add_passes_prev_result_through() {
     node.cmd("DEL", "chained", "eth0", Some(&pod), &conf)
         .expect_ok();
 }
+
+/// IPv6 single-stack: one address, the fe80::1 gateway, and traffic both ways.
+#[test]
+fn ipv6_only_node() {
+    if !require_kernel() {
+        return;
+    }
+    let node = Node::new();
+    let conf = node.conf("1.1.0", json!({"podCIDRs": ["fd00:10:244:9::/120"]}));
+    let pod = NetNs::new();
+    let r = node
+        .cmd("ADD", "v6", "eth0", Some(&pod), &conf)
+        .expect_ok()
+        .json
+        .unwrap();
+    assert_eq!(r["ips"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(r["ips"][0]["address"], "fd00:10:244:9::1/128");
+    assert_eq!(r["ips"][0]["gateway"], "fe80::1");
+    assert_eq!(r["routes"], json!([{"dst": "::/0", "gw": "fe80::1"}]));
+    assert!(
+        !pod.ip(&["route"]).contains("default"),
+        "no IPv4 route without an IPv4 pool"
+    );
+    pod.exec(&["ping", "-6", "-c", "1", "-W", "5", NODE_V6]);
+    udp_roundtrip(&node.ns, &pod, "[fd00:10:244:9::1]:7010".parse().unwrap());
+    node.cmd("DEL", "v6", "eth0", Some(&pod), &conf).expect_ok();
+    assert!(node.allocations().is_empty());
+}

@@ -192,7 +192,11 @@ pub fn kernel_state(ns: &NetNs) -> String {
     s.push_str(&ns.ip(&["route"]));
     // The kernel adds fe80::/64 once linkwatch reports the carrier, which may lag the plugin.
     let v6 = ns.ip(&["-6", "route"]);
-    s.extend(v6.lines().filter(|l| !l.starts_with("fe80::/64")).map(|l| format!("{l}\n")));
+    s.extend(
+        v6.lines()
+            .filter(|l| !l.starts_with("fe80::/64"))
+            .map(|l| format!("{l}\n")),
+    );
     s.extend(
         ns.ip(&["neigh"])
             .lines()
