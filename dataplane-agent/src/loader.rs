@@ -109,14 +109,15 @@ pub enum LoadError {
     #[error("loading the eBPF object (pin directory {pin_dir:?}) failed")]
     Load {
         pin_dir: Option<PathBuf>,
+        // Boxed: aya's errors are large and would make every Result in this module large.
         #[source]
-        source: EbpfError,
+        source: Box<EbpfError>,
     },
     #[error("the verifier refused program {name}")]
     Verify {
         name: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
 }
 
@@ -129,7 +130,7 @@ pub enum AttachError {
         name: &'static str,
         target: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("cannot open cgroup {path:?}")]
     Cgroup {
@@ -184,7 +185,7 @@ pub fn load_with(pin_dir: Option<&Path>, cfg: &Config) -> Result<Ebpf, LoadError
         .override_global("NODEPORT_MIN", &cfg.nodeport_min, true)
         .override_global("NODEPORT_MAX", &cfg.nodeport_max, true)
         .override_global("HAIRPIN_SNAT_IP", &hairpin, true);
-    loader.load(EBPF_OBJECT).map_err(|source| LoadError::Load { pin_dir: pin_dir.map(Path::to_path_buf), source })
+    loader.load(EBPF_OBJECT).map_err(|source| LoadError::Load { pin_dir: pin_dir.map(Path::to_path_buf), source: Box::new(source) })
 }
 
 /// Loads (has the verifier check) every program of the object.
@@ -193,9 +194,9 @@ pub fn verify_all(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     where
         for<'a> &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
     {
-        let prog = ebpf.program_mut(name).ok_or(LoadError::Verify { name, source: ProgramError::NotLoaded })?;
-        let prog: &mut T = prog.try_into().map_err(|source| LoadError::Verify { name, source })?;
-        load(prog).map_err(|source| LoadError::Verify { name, source })
+        let prog = ebpf.program_mut(name).ok_or_else(|| LoadError::Verify { name, source: Box::new(ProgramError::NotLoaded) })?;
+        let prog: &mut T = prog.try_into().map_err(|source| LoadError::Verify { name, source: Box::new(source) })?;
+        load(prog).map_err(|source| LoadError::Verify { name, source: Box::new(source) })
     }
     for name in programs::XDP {
         verify::<Xdp>(ebpf, name, |p| p.load())?;
@@ -216,7 +217,7 @@ pub fn attach_xdp(ebpf: &mut Ebpf, iface: &str, mode: XdpMode) -> Result<(), Att
         ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(AttachError::NoProgram { name })?;
     prog.attach(iface, mode)
         .map(drop)
-        .map_err(|source| AttachError::Attach { name, target: iface.to_owned(), source })
+        .map_err(|source| AttachError::Attach { name, target: iface.to_owned(), source: Box::new(source) })
 }
 
 /// Attaches TC program `name` (one of [`programs::TC`]) to `iface` in direction `kind`. Uses tcx
@@ -230,7 +231,9 @@ pub fn attach_tc(ebpf: &mut Ebpf, name: &'static str, iface: &str, kind: TcAttac
         Err(first) => {
             // Legacy path: netlink TC needs a clsact qdisc ("exists" is not an error).
             let _ = tc::qdisc_add_clsact(iface);
-            attach(prog).map(drop).map_err(|_| AttachError::Attach { name, target: iface.to_owned(), source: first })
+            attach(prog)
+                .map(drop)
+                .map_err(|_| AttachError::Attach { name, target: iface.to_owned(), source: Box::new(first) })
         }
     }
 }
@@ -245,7 +248,7 @@ pub fn attach_sock(ebpf: &mut Ebpf, cgroup: &Path) -> Result<(), AttachError> {
         prog.attach(&file, CgroupAttachMode::Single).map(drop).map_err(|source| AttachError::Attach {
             name,
             target: cgroup.display().to_string(),
-            source,
+            source: Box::new(source),
         })?;
     }
     Ok(())

@@ -134,6 +134,7 @@ struct Maps {
 }
 
 /// A service with one frontend; rev-NAT id = svc id = `id`.
+#[allow(clippy::too_many_arguments)]
 fn svc(m: &mut Maps, fe: SocketAddrV4, proto: Proto, kind: ServiceKind, flags: u8, affinity_s: u32, id: u32, active: &[u32]) {
     // NodePort frontends are keyed by address 0, their rev-NAT entry too.
     let key_addr = if kind == ServiceKind::NodePort { SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, fe.port()) } else { fe };
