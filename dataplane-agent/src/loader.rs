@@ -142,12 +142,13 @@ pub enum AttachError {
 
 /// Maps that outlive the agent: service tables, conntrack, affinity, socket rev-NAT. Counters
 /// are not pinned; they restart with the agent.
-pub const PINNED_MAPS: [&str; 7] = [
+pub const PINNED_MAPS: [&str; 8] = [
     lb::FRONTENDS4_MAP,
     lb::SLOTS4_MAP,
     lb::BACKENDS4_MAP,
     lb::REV_NAT4_MAP,
     lb::SOCK_REV4_MAP,
+    lb::SOCK_FWD4_MAP,
     ct::CT4_MAP,
     affinity::AFFINITY4_MAP,
 ];

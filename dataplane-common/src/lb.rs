@@ -159,6 +159,19 @@ pub struct SockRev<A> {
 const _: () = assert!(core::mem::size_of::<SockRev<Ip4>>() == 12);
 const _: () = assert!(core::mem::size_of::<SockRev<Ip6>>() == 24);
 
+/// The backend an unconnected UDP socket's datagrams to one frontend go to (value of
+/// [`SOCK_FWD4_MAP`], keyed by [`SockRevKey`] with the frontend as address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockFwd<A> {
+    pub addr: A,
+    pub port_be: u16,
+    pub _pad: [u8; 2],
+    pub backend_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockFwd<Ip4>>() == 12);
+const _: () = assert!(core::mem::size_of::<SockFwd<Ip6>>() == 24);
+
 /// Splits a 64-bit cookie into the two words the map keys carry.
 pub const fn cookie_words(cookie: u64) -> [u32; 2] {
     [cookie as u32, (cookie >> 32) as u32]
@@ -179,6 +192,10 @@ pub const SLOTS4_MAP: &str = "lb4_slots_v1";
 pub const BACKENDS4_MAP: &str = "lb4_be_v1";
 pub const REV_NAT4_MAP: &str = "lb4_revnat_v1";
 pub const SOCK_REV4_MAP: &str = "lb4_sknat_v1";
+/// [`SockRevKey`] (socket cookie, frontend) -> [`SockFwd`]: the backend that socket's datagrams
+/// go to, so that an unconnected UDP socket's `sendmsg` calls stick to one backend (as
+/// kube-proxy's conntrack keeps a UDP flow on one backend).
+pub const SOCK_FWD4_MAP: &str = "lb4_skfwd_v1";
 /// Per-CPU array of [`crate::metrics::Counter`] indexed by rev-NAT id (family-independent).
 pub const SERVICE_STATS_MAP: &str = "lb_svc_stats_v1";
 
@@ -195,4 +212,6 @@ crate::impl_pod!(
     SockRevKey<Ip6>,
     SockRev<Ip4>,
     SockRev<Ip6>,
+    SockFwd<Ip4>,
+    SockFwd<Ip6>,
 );

@@ -13,7 +13,7 @@ use dataplane_common::{
     ct::{CT_MAX, CtEntry, CtKey},
     lb::{
         BACKENDS_MAX, Backend, FRONTENDS_MAX, FrontendKey, Ip4, REV_NAT_MAX, RevNat, SERVICE_STATS_MAX, SLOTS_MAX,
-        SOCK_REV_MAX, Service, SlotKey, SockRev, SockRevKey,
+        SOCK_REV_MAX, Service, SlotKey, SockFwd, SockRev, SockRevKey,
     },
     metrics::Counter,
 };
@@ -32,6 +32,8 @@ static CT4: LruHashMap<CtKey<Ip4>, CtEntry<Ip4>> = LruHashMap::with_max_entries(
 static AFFINITY4: LruHashMap<AffinityKey<Ip4>, AffinityValue> = LruHashMap::with_max_entries(AFFINITY_MAX, 0);
 #[map(name = "lb4_sknat_v1")]
 static SOCK_REV4: LruHashMap<SockRevKey<Ip4>, SockRev<Ip4>> = LruHashMap::with_max_entries(SOCK_REV_MAX, 0);
+#[map(name = "lb4_skfwd_v1")]
+static SOCK_FWD4: LruHashMap<SockRevKey<Ip4>, SockFwd<Ip4>> = LruHashMap::with_max_entries(SOCK_REV_MAX, 0);
 
 /// Per-service packets/bytes, indexed by rev-NAT id. Not pinned: counters restart with the agent.
 #[map(name = "lb_svc_stats_v1")]
@@ -46,6 +48,7 @@ pub trait Family {
     fn ct() -> &'static LruHashMap<CtKey<Self::Addr>, CtEntry<Self::Addr>>;
     fn affinity() -> &'static LruHashMap<AffinityKey<Self::Addr>, AffinityValue>;
     fn sock_rev() -> &'static LruHashMap<SockRevKey<Self::Addr>, SockRev<Self::Addr>>;
+    fn sock_fwd() -> &'static LruHashMap<SockRevKey<Self::Addr>, SockFwd<Self::Addr>>;
 }
 
 pub struct V4;
@@ -79,6 +82,10 @@ impl Family for V4 {
     #[inline(always)]
     fn sock_rev() -> &'static LruHashMap<SockRevKey<Ip4>, SockRev<Ip4>> {
         &SOCK_REV4
+    }
+    #[inline(always)]
+    fn sock_fwd() -> &'static LruHashMap<SockRevKey<Ip4>, SockFwd<Ip4>> {
+        &SOCK_FWD4
     }
 }
 

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     affinity::AffinityKey,
-    lb::{SockRev, SockRevKey, cookie_words},
+    lb::{Backend, SockFwd, SockRev, SockRevKey, cookie_words},
     metrics::{DropReason, Hook},
 };
 
@@ -46,7 +46,7 @@ pub fn dp_sock_getpeername4(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn xlate_fwd(ctx: &SockAddrContext, hook: Hook) -> i32 {
     stats::count_hook(hook, 0);
-    match try_xlate_fwd(ctx) {
+    match try_xlate_fwd(ctx, hook == Hook::SockSendmsg4) {
         Ok(()) => SYS_PROCEED,
         Err(reason) => {
             stats::count_drop(reason, 0);
@@ -61,7 +61,7 @@ fn xlate_fwd(ctx: &SockAddrContext, hook: Hook) -> i32 {
 }
 
 #[inline(always)]
-fn try_xlate_fwd(ctx: &SockAddrContext) -> Result<(), DropReason> {
+fn try_xlate_fwd(ctx: &SockAddrContext, sendmsg: bool) -> Result<(), DropReason> {
     let sa = ctx.sock_addr;
     // SAFETY: the context pointer the kernel passed; these fields are readable in these hooks.
     let (addr, port_be, proto) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
@@ -76,14 +76,26 @@ fn try_xlate_fwd(ctx: &SockAddrContext) -> Result<(), DropReason> {
         }
         None => return Ok(()),
     };
-    // Before a socket has a source address the client is its network namespace (cilium does the
-    // same for socket-level affinity).
     // SAFETY: plain helper calls on the context.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-    let client = AffinityKey { netns_cookie: cookie_words(netns), client: 0, rev_nat_id: svc.rev_nat_id };
-    let (_, be) = lb::select_backend::<V4>(&svc, client)?;
-    // SAFETY: as above.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let be = match sticky_backend(cookie, addr, port_be, sendmsg) {
+        Some(be) => be,
+        None => {
+            // Before a socket has a source address the client is its network namespace (cilium
+            // does the same for socket-level affinity).
+            // SAFETY: as above.
+            let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+            let client = AffinityKey { netns_cookie: cookie_words(netns), client: 0, rev_nat_id: svc.rev_nat_id };
+            let (id, be) = lb::select_backend::<V4>(&svc, client)?;
+            if sendmsg {
+                let key = SockRevKey { cookie: cookie_words(cookie), addr, port_be, _pad: [0; 2] };
+                let fwd = SockFwd { addr: be.addr, port_be: be.port_be, _pad: [0; 2], backend_id: id };
+                // Best effort: without it the next datagram is balanced afresh.
+                let _ = V4::sock_fwd().insert(&key, &fwd, 0);
+            }
+            be
+        }
+    };
     let key = SockRevKey { cookie: cookie_words(cookie), addr: be.addr, port_be: be.port_be, _pad: [0; 2] };
     let rev = SockRev { addr, port_be, _pad: [0; 2], rev_nat_id: svc.rev_nat_id };
     // Without this entry recvmsg/getpeername would show the backend: fail rather than lie.
@@ -94,6 +106,22 @@ fn try_xlate_fwd(ctx: &SockAddrContext) -> Result<(), DropReason> {
         (*sa).user_port = be.port_be as u32;
     }
     Ok(())
+}
+
+/// The backend an unconnected UDP socket already sends this frontend's datagrams to, while that
+/// backend still exists at the same address.
+#[inline(always)]
+fn sticky_backend(cookie: u64, addr: u32, port_be: u16, sendmsg: bool) -> Option<Backend<u32>> {
+    if !sendmsg {
+        return None;
+    }
+    let key = SockRevKey { cookie: cookie_words(cookie), addr, port_be, _pad: [0; 2] };
+    // SAFETY: copied out at once.
+    let fwd = unsafe { V4::sock_fwd().get(&key).copied() }?;
+    let id = fwd.backend_id;
+    // SAFETY: copied out at once.
+    let be = unsafe { V4::backends().get(&id).copied() }?;
+    (be.addr == fwd.addr && be.port_be == fwd.port_be).then_some(be)
 }
 
 #[inline(always)]

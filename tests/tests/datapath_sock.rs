@@ -165,6 +165,31 @@ fn udp_round_trip_sees_the_vip_as_its_peer() {
         assert_eq!(&buf[..n], msg.as_bytes());
         assert_eq!(from, SocketAddr::V4(vip), "the reply appears to come from the VIP");
     }
+    // Unconnected datagrams from one socket stick to one backend (two ready ones here).
+    let servers: Vec<_> = [B1, B2]
+        .map(|b| {
+            let s = f.ns.run(move || UdpSocket::bind(SocketAddrV4::new(*b.ip(), 5454)).unwrap());
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .into();
+    f.lb.upsert_backend(3, BackendSpec { addr: SocketAddrV4::new(*B1.ip(), 5454), local: true, terminating: false }).unwrap();
+    f.lb.upsert_backend(4, BackendSpec { addr: SocketAddrV4::new(*B2.ip(), 5454), local: true, terminating: false }).unwrap();
+    service(&mut f.lb, 54, Proto::Udp, 6, vec![3, 4], vec![], 0);
+    let sticky = f.ns.run(|| UdpSocket::bind("0.0.0.0:0").unwrap());
+    for _ in 0..16 {
+        sticky.send_to(b"d", SocketAddrV4::new(VIP, 54)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let mut counts = [0usize; 2];
+    for (i, s) in servers.iter().enumerate() {
+        let mut buf = [0u8; 8];
+        while s.recv_from(&mut buf).is_ok() {
+            counts[i] += 1;
+        }
+    }
+    counts.sort();
+    assert_eq!(counts, [0, 16], "all datagrams of one socket went to one backend");
     // Connected: connect4 rewrites once; peer_addr (getpeername) and recv show the VIP.
     let connected = f.ns.run(move || {
         let c = UdpSocket::bind("0.0.0.0:0").unwrap();
