@@ -1,93 +1,105 @@
-//! The demo `cargo xtask demo` runs: a client and a node, each in its own network namespace, the
-//! data plane's XDP and TC programs attached to the node's interface, real UDP and TCP traffic,
-//! and the per-hook counters the programs kept.
+//! `cargo xtask demo`: a 3-node virtual cluster on this machine, a sample app behind a ClusterIP
+//! and a NodePort Service, real requests through both, and how they were balanced.
+//!
+//! Everything lives in network namespaces, cgroups and bpffs directories named `dpt-<pid>-<n>`,
+//! and is removed at the end, also when a step fails. After a Ctrl-C (no destructors run), the
+//! next `cargo xtask test` or `dpt-sweep` removes what is left.
 use std::{
-    io::{Read, Write},
-    net::{TcpListener, TcpStream, UdpSocket},
-    time::Duration,
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    time::Instant,
 };
 
-use aya::{
-    Ebpf,
-    maps::PerCpuArray,
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode},
-};
-use dataplane_agent::{loader, stats::read_counter};
-use dataplane_common::metrics::{Counter, DROPS_MAP, DropReason, HOOKS_MAP, Hook};
-use dataplane_tests::netns::{NetNs, Veth};
+use anyhow::Context;
+use dataplane_tests::cluster::{CLIENT_IP, Cluster, ECHO_PORT, Reply, Service, tally};
 
-fn attach_all(ebpf: &mut Ebpf, ifname: &str) -> anyhow::Result<()> {
-    let xdp: &mut Xdp = ebpf.program_mut(loader::programs::XDP_INGRESS).unwrap().try_into()?;
-    xdp.load()?;
-    xdp.attach(ifname, XdpMode::Driver)?;
-    for (name, kind) in [(loader::programs::TC_INGRESS, TcAttachType::Ingress), (loader::programs::TC_EGRESS, TcAttachType::Egress)] {
-        let tc: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into()?;
-        tc.load()?;
-        tc.attach(ifname, kind)?;
-    }
-    Ok(())
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const NODEPORT_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+const NODE_PORT: u16 = 30080;
+const REQUESTS: u32 = 30;
+
+fn step(msg: &str) {
+    println!("\n== {msg}");
 }
 
-fn sum(ebpf: &Ebpf, map: &str, index: u32) -> anyhow::Result<Counter> {
-    let arr: PerCpuArray<_, Counter> = PerCpuArray::try_from(ebpf.map(map).unwrap())?;
-    Ok(read_counter(&arr, index)?)
+fn progress(msg: &str) {
+    println!("   .. {msg}");
+}
+
+/// One table row per backend: how many requests it answered, and which client address it saw.
+fn show(replies: &[Reply]) {
+    let counts = tally(replies);
+    let mut seen: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for r in replies {
+        if let Reply::Ok { pod, client } = r {
+            let ip = client.ip().to_string();
+            let list = seen.entry(pod).or_default();
+            if !list.contains(&ip) {
+                list.push(ip);
+            }
+        }
+    }
+    for (who, n) in &counts {
+        let bar = "#".repeat(*n);
+        match seen.get(who.as_str()) {
+            Some(ips) => println!("     {who:<8} {n:>3}  {bar:<30} saw client {}", ips.join(", ")),
+            None => println!("     {who:<8} {n:>3}  (failed: {})", replies.iter().find_map(|r| match r {
+                Reply::Err { kind, detail } if format!("!{kind}") == *who => Some(detail.as_str()),
+                _ => None,
+            }).unwrap_or("")),
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
-    dataplane_tests::kernel_available().map_err(|e| anyhow::anyhow!("the demo needs the kernel: {e}"))?;
-    println!("creating namespaces `client` (10.99.0.1) and `node` (10.99.0.2), joined by a veth pair");
-    let client = NetNs::new();
-    let node = NetNs::new();
-    let _veth = Veth::new(&client, "eth0", &node, "eth0");
-    client.ip(&["addr", "add", "10.99.0.1/24", "dev", "eth0"]);
-    node.ip(&["addr", "add", "10.99.0.2/24", "dev", "eth0"]);
-
-    println!("loading the data plane's eBPF object; attaching XDP (driver mode) and TC ingress/egress to node/eth0");
-    let ebpf = node.run(|| -> anyhow::Result<Ebpf> {
-        let mut ebpf = loader::load(None)?;
-        attach_all(&mut ebpf, "eth0")?;
-        Ok(ebpf)
-    })?;
-
-    let udp_server = node.run(|| UdpSocket::bind("10.99.0.2:5353"))?;
-    let tcp_server = node.run(|| TcpListener::bind("10.99.0.2:8080"))?;
-    let echo = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut s, _) = tcp_server.accept()?;
-        let mut buf = [0u8; 1024];
-        loop {
-            let n = s.read(&mut buf)?;
-            if n == 0 {
-                return Ok(());
-            }
-            s.write_all(&buf[..n])?;
-        }
-    });
-    let client_udp = client.run(|| UdpSocket::bind("10.99.0.1:0"))?;
-    client_udp.set_read_timeout(Some(Duration::from_secs(3)))?;
-    udp_server.set_read_timeout(Some(Duration::from_secs(3)))?;
-    let mut buf = [0u8; 1500];
-    for i in 0..100 {
-        client_udp.send_to(format!("datagram {i}").as_bytes(), "10.99.0.2:5353")?;
-        udp_server.recv_from(&mut buf)?;
+    dataplane_tests::kernel_available().map_err(|e| anyhow::anyhow!("the demo needs root and a BPF kernel: {e}"))?;
+    let started = Instant::now();
+    step("starting a 3-node virtual cluster (network namespaces on one bridge, one agent per node)");
+    let mut c = Cluster::start_with(3, progress).context("starting the cluster")?;
+    for n in &c.nodes {
+        progress(&format!("{} is up: InternalIP {}, podCIDR {}, agent synced", n.name, n.ip, n.pod_cidr));
     }
-    println!("sent 100 UDP datagrams client -> node:5353; all arrived");
-    let mut tcp = client.run(|| TcpStream::connect("10.99.0.2:8080"))?;
-    let payload = vec![0x5a; 64 * 1024];
-    tcp.write_all(&payload)?;
-    let mut back = vec![0u8; payload.len()];
-    tcp.read_exact(&mut back)?;
-    drop(tcp);
-    echo.join().expect("echo thread")?;
-    println!("echoed 64 KiB over TCP client -> node:8080; bytes matched: {}", back == payload);
 
-    println!("\ncounters kept by the programs (summed over CPUs):");
-    println!("  {:<14} {:>10} {:>12}", "hook", "packets", "bytes");
-    for hook in Hook::ALL {
-        let c = sum(&ebpf, HOOKS_MAP, hook as u32)?;
-        println!("  {:<14} {:>10} {:>12}", hook.name(), c.packets, c.bytes);
+    step("deploying the sample app: 3 echo Pods (one per node, created by the dataplane-cni plugin) and a client Pod");
+    let mut backends = Vec::new();
+    for i in 0..3 {
+        let id = c.add_pod(i, &format!("echo-{i}")).with_context(|| format!("creating echo-{i}"))?;
+        let p = c.pod(id);
+        progress(&format!("{} on {} has IP {}", p.name, p.node, p.ip));
+        backends.push(id);
     }
-    let drops: u64 = DropReason::ALL.iter().map(|r| sum(&ebpf, DROPS_MAP, *r as u32).map(|c| c.packets)).sum::<anyhow::Result<u64>>()?;
-    println!("  drops (all reasons): {drops}");
-    println!("\ntearing down: namespaces, links and programs are removed");
+    let client = c.add_pod(0, "client").context("creating the client Pod")?;
+    progress(&format!("client on node-1 has IP {}", c.pod(client).ip));
+    let endpoints: Vec<_> = backends.iter().map(|b| c.endpoint(*b)).collect();
+    c.apply(Service::new("echo", CLUSTER_IP, 80, ECHO_PORT).endpoints(endpoints.clone())).context("Service echo")?;
+    progress(&format!("Service echo: ClusterIP {CLUSTER_IP}:80 (TCP+UDP) -> :{ECHO_PORT} of the 3 Pods"));
+    c.apply(Service::new("echo-nodeport", NODEPORT_CLUSTER_IP, 80, ECHO_PORT).node_port(NODE_PORT).endpoints(endpoints))
+        .context("Service echo-nodeport")?;
+    progress(&format!("Service echo-nodeport: NodePort {NODE_PORT} on every node -> the same 3 Pods"));
+
+    step("`dataplane-agent services` on node-1 (read from the pinned eBPF maps)");
+    let pins = c.nodes[0].pins.path().display().to_string();
+    match c.nodes[0].agent_cli(&["services", "--pin-dir", &pins]) {
+        Ok(out) => print!("{}", out.lines().map(|l| format!("   {l}\n")).collect::<String>()),
+        Err(e) => println!("   (could not run it: {e})"),
+    }
+
+    step(&format!("client Pod -> ClusterIP {CLUSTER_IP}:80, {REQUESTS} TCP connections (socket-level LB, no NAT: backends see the Pod's IP)"));
+    let vip = SocketAddr::from((CLUSTER_IP, 80));
+    show(&c.pod(client).tcp(vip, REQUESTS)?);
+    step(&format!("client Pod -> ClusterIP {CLUSTER_IP}:80, {REQUESTS} UDP datagrams (each from a new socket)"));
+    show(&c.pod(client).udp(vip, REQUESTS)?);
+
+    for n in &c.nodes {
+        step(&format!(
+            "external client {CLIENT_IP} -> NodePort {}:{NODE_PORT}, {REQUESTS} TCP connections (XDP on {}'s uplink; remote backends see the node's IP: SNAT)",
+            n.ip, n.name
+        ));
+        show(&c.client.tcp(SocketAddr::from((n.ip, NODE_PORT)), REQUESTS)?);
+    }
+
+    step("tearing down: Pods (CNI DEL), agents, namespaces, cgroups, pins");
+    drop(c);
+    println!("\ndone in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }

@@ -24,6 +24,8 @@
 //! let replies = c.pod(a).tcp("10.96.0.10:80".parse().unwrap(), 10).unwrap();
 //! ```
 pub mod client;
+pub mod datapath;
+pub mod fabric;
 pub mod manifests;
 pub mod node;
 pub mod pod;
@@ -124,6 +126,8 @@ pub struct Cluster {
     /// The external client, on the underlay and in no node.
     pub client: Host,
     client_ns: NetNs,
+    /// XDP links on the bridge ports (see `fabric`); released before the underlay goes.
+    fabric: Vec<std::os::fd::OwnedFd>,
     underlay: NetNs,
     services: BTreeMap<String, Service>,
     bins: proc::Binaries,
@@ -155,13 +159,14 @@ impl Cluster {
         underlay.ip(&["link", "add", "br0", "type", "bridge"]);
         underlay.ip(&["link", "set", "br0", "up"]);
         let client_ns = NetNs::new();
-        Self::plug(&underlay, &client_ns, "client", CLIENT_IP);
+        Self::plug(&underlay, &client_ns, "client", CLIENT_IP)?;
         let client = Host { netns: client_ns.name().to_owned(), cgroup: None, echo: bins.echo.clone() };
         let mut cluster = Cluster {
             pods: Vec::new(),
             nodes: Vec::new(),
             client,
             client_ns,
+            fabric: Vec::new(),
             underlay,
             services: BTreeMap::new(),
             bins,
@@ -174,7 +179,10 @@ impl Cluster {
             let ip = Ipv4Addr::new(UNDERLAY_PREFIX[0], UNDERLAY_PREFIX[1], UNDERLAY_PREFIX[2], 10 + n as u8);
             progress(&format!("{name}: network namespace, uplink {ip} on the underlay, cgroup, bpffs pins"));
             let netns = NetNs::new();
-            Self::plug(&cluster.underlay, &netns, &format!("n{n}"), ip);
+            Self::plug(&cluster.underlay, &netns, &format!("n{n}"), ip)?;
+            // Every Kubernetes node forwards (kubelet's prerequisite); the CNI plugin would turn it
+            // on only with the node's first Pod, and XDP's FIB lookup needs it before that.
+            netns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
             let node_dir = cluster.dir.path().join(&name);
             fs::create_dir(&node_dir).map_err(io("mkdir node dir"))?;
             cluster.nodes.push(Node {
@@ -183,6 +191,7 @@ impl Cluster {
                 pod_cidr: format!("10.244.{n}.0/24"),
                 http_port: 19960 + n as u16,
                 agent: None,
+                datapath: None,
                 netns,
                 cgroup: crate::cgroup::Cgroup::new(),
                 pins: crate::bpffs::PinDir::new(),
@@ -191,11 +200,32 @@ impl Cluster {
                 bins: cluster.bins.clone(),
             });
         }
+        let ports = (1..=nodes).map(|n| format!("n{n}")).chain(["client".to_string()]).collect();
+        cluster.fabric = fabric::pass_on_ports(&cluster.underlay, ports)?;
+        let missing: Vec<&str> = cluster.nodes[0]
+            .wanted_flags()
+            .into_iter()
+            .map(|(f, _)| f)
+            .filter(|f| !cluster.bins.agent_run_flags.iter().any(|h| h == f))
+            .collect();
+        if !missing.is_empty() {
+            eprintln!("warning: `dataplane-agent run` has no {}; the agents start without them", missing.join(", "));
+        }
         cluster.write_nodes()?;
         cluster.write_services()?;
         for node in &mut cluster.nodes {
             progress(&format!("{}: starting dataplane-agent (pins {}, cgroup {})", node.name, node.pins.path().display(), node.cgroup.path().display()));
             node.start_agent()?;
+        }
+        if !cluster.bins.agent_run_flags.iter().any(|f| f == "--uplink") {
+            eprintln!(
+                "warning: `dataplane-agent run` does not attach the data path yet (no --uplink/--cgroup-root); \
+                 the harness attaches the programs over the maps the agents pinned (tests/src/cluster/datapath.rs)"
+            );
+            for node in &mut cluster.nodes {
+                progress(&format!("{}: attaching XDP to {} and the socket programs to the node's cgroup", node.name, node::UPLINK));
+                node.datapath = Some(datapath::HarnessDataPath::attach(&node.netns, node.pins.path(), node.cgroup.path(), node::UPLINK, node.ip)?);
+            }
         }
         // The agents install routes to the other nodes' podCIDRs: wait for them, so the first
         // cross-node request does not race the route sync.
@@ -212,12 +242,14 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// A veth from the underlay bridge into `ns` (as `eth0`, with `ip`/24, no default route).
-    fn plug(underlay: &NetNs, ns: &NetNs, port: &str, ip: Ipv4Addr) {
+    /// A veth from the underlay bridge into `ns` (as `eth0`, with `ip`/24, no default route),
+    /// sending full checksums like a real wire (see [`fabric::tx_checksum_off`]).
+    fn plug(underlay: &NetNs, ns: &NetNs, port: &str, ip: Ipv4Addr) -> Result<(), ClusterError> {
         ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", underlay.name()]);
         underlay.ip(&["link", "set", port, "master", "br0", "up"]);
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         ns.ip(&["link", "set", "eth0", "up"]);
+        fabric::tx_checksum_off(ns, "eth0")
     }
 
     fn write_json(&self, file: &str, value: &serde_json::Value) -> Result<(), ClusterError> {
@@ -255,11 +287,11 @@ impl Cluster {
 
     /// Writes the Services file and waits for every running agent's next sync.
     fn sync(&mut self) -> Result<(), ClusterError> {
-        let before: Vec<u64> = self.nodes.iter().map(Node::syncs).collect();
+        let since = node::now_ms();
         self.write_services()?;
-        for (node, before) in self.nodes.iter_mut().zip(before) {
+        for node in &mut self.nodes {
             if node.agent.is_some() {
-                node.wait_synced(before, Duration::from_secs(10))?;
+                node.wait_synced(since, Duration::from_secs(10))?;
             }
         }
         Ok(())
@@ -280,6 +312,9 @@ impl Cluster {
         });
         let cni = pod::Cni { binary: self.bins.cni.clone(), node_netns: n.netns.name().to_owned(), config };
         let pod = Pod::create(name, &n.name, n.cgroup.path(), cni, self.bins.echo.clone(), ECHO_PORT)?;
+        if let Some(dp) = &n.datapath {
+            dp.attach_pod(&pod.host_veth)?;
+        }
         self.pods.push(Some(pod));
         Ok(PodId(self.pods.len() - 1))
     }

@@ -28,6 +28,8 @@ pub struct Node {
     /// Port of the agent's /healthz, /status, /metrics on the node's loopback.
     pub http_port: u16,
     pub(super) agent: Option<Proc>,
+    /// Set when the harness attached the data path because the agent cannot yet (see `datapath`).
+    pub(super) datapath: Option<super::datapath::HarnessDataPath>,
     pub netns: NetNs,
     pub cgroup: Cgroup,
     pub pins: PinDir,
@@ -50,32 +52,34 @@ impl Node {
         self.dir.join("agent.log")
     }
 
-    /// The agent command line (after the program name). Flags the agent binary does not have
-    /// are left out with a warning ([`Binaries::agent_run_flags`]), so that the parts that do
-    /// exist can be tested while the agent grows; the tests of what is missing then fail on
-    /// behaviour, with the warning in their output.
-    pub fn agent_args(&self) -> Vec<String> {
-        let s = |p: &Path| p.display().to_string();
-        let flags: [(&str, Option<String>); 10] = [
-            ("--manifests", Some(s(&self.manifests))),
+    /// Every `run` flag the harness wants to pass, with its value.
+    pub fn wanted_flags(&self) -> Vec<(&'static str, Option<String>)> {
+        let s = |p: &Path| Some(p.display().to_string());
+        vec![
+            ("--manifests", s(&self.manifests)),
             ("--manifests-poll-ms", Some("50".into())),
             ("--node-name", Some(self.name.clone())),
             ("--routes", None),
             ("--listen", Some(format!("127.0.0.1:{}", self.http_port))),
-            ("--state-dir", Some(s(&self.state_dir()))),
-            ("--node-file", Some(s(&self.node_file()))),
-            ("--pin-dir", Some(s(self.pins.path()))),
-            ("--cgroup-root", Some(s(self.cgroup.path()))),
+            ("--state-dir", s(&self.state_dir())),
+            ("--node-file", s(&self.node_file())),
+            ("--pin-dir", s(self.pins.path())),
+            ("--cgroup-root", s(self.cgroup.path())),
             ("--uplink", Some(UPLINK.into())),
-        ];
+        ]
+    }
+
+    /// The agent command line (after the program name). Flags the agent binary does not have
+    /// ([`Binaries::agent_run_flags`]) are left out (`Cluster::start` warns once), so that the
+    /// parts that exist can be tested while the agent grows; tests of what is missing then fail
+    /// on behaviour.
+    pub fn agent_args(&self) -> Vec<String> {
         let mut args = vec!["run".to_string()];
-        for (flag, value) in flags {
-            if !self.bins.agent_run_flags.iter().any(|f| f == flag) {
-                eprintln!("warning: `dataplane-agent run` has no {flag}; starting it without");
-                continue;
+        for (flag, value) in self.wanted_flags() {
+            if self.bins.agent_run_flags.iter().any(|f| f == flag) {
+                args.push(flag.into());
+                args.extend(value);
             }
-            args.push(flag.into());
-            args.extend(value);
         }
         args
     }
@@ -97,10 +101,10 @@ impl Node {
         let mut cmd = proc::command(self.netns.name(), Some(&cg), &self.bins.agent, &args)?;
         // Plain text in the log file (tracing-subscriber honours NO_COLOR).
         cmd.env("NO_COLOR", "1");
-        let before = self.syncs();
+        let since = now_ms();
         let log2 = log.try_clone().map_err(|e| ClusterError::Io { what: "agent log".into(), source: e })?;
         self.agent = Some(Proc::spawn(format!("agent on {}", self.name), cmd, Stdio::from(log), Stdio::from(log2))?);
-        self.wait_synced(before, Duration::from_secs(20))
+        self.wait_synced(since, Duration::from_secs(20))
     }
 
     /// SIGKILLs the agent (the data plane stays programmed through its pins).
@@ -116,13 +120,9 @@ impl Node {
         serde_json::from_slice(&bytes).ok()
     }
 
-    /// How many syncs the agent has done (0 before the first, or without an agent).
-    pub fn syncs(&self) -> u64 {
-        self.status().and_then(|s| s["syncs"].as_u64()).unwrap_or(0)
-    }
-
-    /// Waits until the agent reports a sync newer than `before`; fails early if it died.
-    pub fn wait_synced(&mut self, before: u64, timeout: Duration) -> Result<(), ClusterError> {
+    /// Waits until the agent reports a sync that ended at or after `since_ms` (Unix ms; see
+    /// [`now_ms`]), so one that saw every change made before `since_ms`. Fails early if it died.
+    pub fn wait_synced(&mut self, since_ms: u64, timeout: Duration) -> Result<(), ClusterError> {
         let what = format!("agent on {} to sync", self.name);
         wait_for(&what, timeout, || {
             if let Some(agent) = self.agent.as_mut()
@@ -131,7 +131,7 @@ impl Node {
                 return Some(Err(ClusterError::AgentDied { node: self.name.clone(), log: self.log_tail() }));
             }
             let s = self.status()?;
-            (s["syncs"].as_u64().unwrap_or(0) > before && s["ready"] == true).then_some(Ok(()))
+            (s["last_sync_unix_ms"].as_u64().unwrap_or(0) >= since_ms && s["ready"] == true).then_some(Ok(()))
         })
         .map_err(|e| match e {
             ClusterError::Timeout { what, .. } => ClusterError::Timeout { what, detail: self.log_tail() },
@@ -152,6 +152,11 @@ impl Node {
         let out = proc::output(&format!("dataplane-agent {}", args.join(" ")), cmd)?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+}
+
+/// Now, in Unix milliseconds (the unit of the agent's `last_sync_unix_ms`).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Drop for Node {

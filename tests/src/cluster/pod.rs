@@ -145,6 +145,8 @@ pub struct Pod {
     /// The node's name (`node-<n>`).
     pub node: String,
     pub ip: Ipv4Addr,
+    /// The node-side end of the Pod's veth (named by the CNI plugin).
+    pub host_veth: String,
     pub host: Host,
     server: Option<Proc>,
     cni: Cni,
@@ -160,7 +162,15 @@ impl Pod {
         let host = Host { netns: netns.name().to_owned(), cgroup: Some(cgroup), echo };
         let result = cni.call("ADD", netns.name(), Some(netns.name()))?;
         // From here on `Pod`'s Drop runs CNI DEL, also when a later step fails.
-        let mut pod = Pod { name: name.to_owned(), node: node.to_owned(), ip: Ipv4Addr::UNSPECIFIED, host, server: None, cni, netns };
+        let host_veth = result["interfaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|i| i.get("sandbox").is_none())
+            .and_then(|i| i["name"].as_str())
+            .unwrap_or_default()
+            .to_owned();
+        let mut pod = Pod { name: name.to_owned(), node: node.to_owned(), ip: Ipv4Addr::UNSPECIFIED, host_veth, host, server: None, cni, netns };
         pod.ip = result["ips"]
             .as_array()
             .into_iter()
@@ -168,6 +178,8 @@ impl Pod {
             .filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok())
             .next()
             .ok_or_else(|| ClusterError::Command { what: format!("CNI ADD {name}"), status: "no IPv4 address in the result".into(), stderr: String::new(), stdout: result.to_string() })?;
+        // The Pod's replies may cross XDP on another node (NodePort): full checksums, as from a wire.
+        super::fabric::tx_checksum_off(&pod.netns, "eth0")?;
         pod.start_server(port)?;
         Ok(pod)
     }
