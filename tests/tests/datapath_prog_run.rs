@@ -65,6 +65,8 @@ const HAIRPIN_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 enum Prog {
     Xdp,
     TcPod,
+    /// The XDP path at TC, for uplinks without XDP.
+    TcUplink,
 }
 
 #[derive(Clone, Copy)]
@@ -450,6 +452,39 @@ fn rows() -> Vec<Row> {
             counted: Some(10),
         },
         Row {
+            what: "NodePort at the TC uplink fallback: same DNAT as XDP",
+            prog: Prog::TcUplink,
+            seed: Box::new(move |m| {
+                backends(m);
+                svc(m, NODEPORT, Proto::Tcp, ServiceKind::NodePort, 0, 0, 10, &[1]);
+            }),
+            input: np_syn.clone(),
+            verdict: TC_ACT_OK,
+            output: Some(frame(Tcp, CLIENT, LOCAL_BE)),
+            drop: None,
+            ct: vec![
+                ct(false, CLIENT, NODEPORT, Proto::Tcp, LOCAL_BE, CLIENT, 1, 10, ext),
+                ct(true, LOCAL_BE, CLIENT, Proto::Tcp, NODEPORT, CLIENT, 1, 10, ext),
+            ],
+            affinity: None,
+            counted: Some(10),
+        },
+        Row {
+            what: "a ClusterIP is not exposed at the TC uplink either",
+            prog: Prog::TcUplink,
+            seed: Box::new(move |m| {
+                backends(m);
+                svc(m, VIP, Proto::Tcp, ServiceKind::ClusterIp, 0, 0, 1, &[1]);
+            }),
+            input: frame(Tcp, CLIENT, VIP),
+            verdict: TC_ACT_OK,
+            output: None,
+            drop: None,
+            ct: vec![],
+            affinity: None,
+            counted: None,
+        },
+        Row {
             what: "reply whose rev-NAT entry is gone: dropped, not leaked with the backend address",
             prog: Prog::TcPod,
             seed: Box::new(move |m| {
@@ -551,16 +586,16 @@ fn rows() -> Vec<Row> {
         ("non-IP frame (ARP ethertype)", arp, None),
     ];
     for (what, input, reason) in malformed {
-        for prog in [Prog::Xdp, Prog::TcPod] {
+        for prog in [Prog::Xdp, Prog::TcPod, Prog::TcUplink] {
             // The kernel refuses TC runs on IPv4 frames shorter than 34 bytes.
-            if prog == Prog::TcPod && input.len() < 34 {
+            if prog != Prog::Xdp && input.len() < 34 {
                 continue;
             }
             let (verdict, drop) = match (prog, reason) {
                 (Prog::Xdp, Some(r)) => (XDP_DROP, Some(r)),
                 (Prog::Xdp, None) => (XDP_PASS, None),
-                (Prog::TcPod, Some(r)) => (TC_ACT_SHOT, Some(r)),
-                (Prog::TcPod, None) => (TC_ACT_OK, None),
+                (_, Some(r)) => (TC_ACT_SHOT, Some(r)),
+                (_, None) => (TC_ACT_OK, None),
             };
             rows.push(Row {
                 what,
@@ -598,6 +633,7 @@ fn check(ebpf: &Ebpf, maps: &mut Maps, row: &Row) {
     let name = match row.prog {
         Prog::Xdp => loader::programs::XDP_INGRESS,
         Prog::TcPod => loader::programs::TC_INGRESS,
+        Prog::TcUplink => loader::programs::TC_UPLINK,
     };
     maps.lb.clear().unwrap();
     maps.ct.clear().unwrap();
@@ -609,7 +645,7 @@ fn check(ebpf: &Ebpf, maps: &mut Maps, row: &Row) {
     let before = monotonic_ns();
     let out = match row.prog {
         Prog::Xdp => prog_run::run::<Xdp>(ebpf.program(name).unwrap().try_into().unwrap(), &row.input),
-        Prog::TcPod => prog_run::run::<SchedClassifier>(ebpf.program(name).unwrap().try_into().unwrap(), &row.input),
+        Prog::TcPod | Prog::TcUplink => prog_run::run::<SchedClassifier>(ebpf.program(name).unwrap().try_into().unwrap(), &row.input),
     };
     let what = format!("{:?}: {}", row.prog, row.what);
     assert_eq!(out.verdict, row.verdict, "{what}: verdict");
