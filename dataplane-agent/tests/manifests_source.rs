@@ -51,6 +51,15 @@ fn reads_multi_document_files_lists_and_ignores_other_kinds() {
 }
 
 #[test]
+fn a_large_dump_in_one_file_is_read() {
+    // More documents and nodes than serde-saphyr's default budget allows in one file.
+    let dir = TempDir::new();
+    let docs: Vec<String> = (0..3000).map(|i| SVC_A.replace("name: a,", &format!("name: s{i},"))).collect();
+    dir.write("big.yaml", &docs.join("---\n"));
+    assert_eq!(manifests::load_dir(&dir.0).unwrap().services.len(), 3000);
+}
+
+#[test]
 fn bad_input_gets_a_clear_error() {
     let cases: &[(&str, &str)] = &[
         ("key: [unclosed", "not valid YAML"),

@@ -70,9 +70,24 @@ fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
     Ok(files)
 }
 
+/// serde-saphyr's default budget (1,024 documents, 250,000 nodes per file) guards against hostile
+/// input; manifests are the operator's own, and one `kubectl get -o yaml` dump of a large cluster
+/// (10k Services with their slices) exceeds it. Raised, still bounded: anchors/aliases keep their
+/// defaults (the "billion laughs" guard) and scalar text stays capped at 64 MiB per file.
+fn parse_options() -> serde_saphyr::Options {
+    // Both types are non-exhaustive: start from the defaults and raise the three limits.
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_documents = 1 << 20;
+    budget.max_nodes = 1 << 26;
+    budget.max_events = 1 << 28;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
+}
+
 /// Parses one file's documents into `objects`.
 pub fn add_documents(path: &Path, text: &str, objects: &mut ClusterObjects) -> Result<(), ManifestError> {
-    let docs: Vec<Value> = serde_saphyr::from_multiple(text)
+    let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, parse_options())
         .map_err(|e| ManifestError::Yaml { path: path.to_path_buf(), source: Box::new(e) })?;
     let mut index = 0;
     for doc in docs {
