@@ -51,6 +51,24 @@ fn reads_multi_document_files_lists_and_ignores_other_kinds() {
 }
 
 #[test]
+fn only_changed_files_are_parsed_again() {
+    let dir = TempDir::new();
+    dir.write("a.yaml", SVC_A);
+    dir.write("b.yaml", SVC_B);
+    let mut cache = manifests::DirCache::default();
+    let first = cache.load(&dir.0).unwrap();
+    dir.write("b.yaml", &SVC_B.replace("10.96.0.2", "10.96.0.22"));
+    let second = cache.load(&dir.0).unwrap();
+    assert!(std::sync::Arc::ptr_eq(&first.services[0], &second.services[0]), "unchanged a.yaml was parsed again");
+    assert_eq!(second.services[1].spec.as_ref().unwrap().cluster_ip.as_deref(), Some("10.96.0.22"));
+    dir.write("a.yaml", "kind: [");
+    assert!(cache.load(&dir.0).is_err());
+    dir.write("a.yaml", SVC_A);
+    let third = cache.load(&dir.0).unwrap();
+    assert!(std::sync::Arc::ptr_eq(&second.services[1], &third.services[1]), "a failed load must keep the cache");
+}
+
+#[test]
 fn a_large_dump_in_one_file_is_read() {
     // More documents and nodes than serde-saphyr's default budget allows in one file.
     let dir = TempDir::new();

@@ -2,6 +2,7 @@
 //! `kind: List` accepted (what `kubectl get -o yaml` writes). Re-read when a file changes; a file
 //! that does not parse is reported and the last good state is kept, as a whole: a half-applied
 //! directory could drop Services whose objects sit in the broken file.
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -47,12 +48,52 @@ pub enum ManifestError {
 /// Reads every `*.yaml`, `*.yml` and `*.json` file directly in `dir`, in name order.
 /// Kinds other than Service, EndpointSlice and Node are ignored (a directory may hold a whole app).
 pub fn load_dir(dir: &Path) -> Result<ClusterObjects, ManifestError> {
-    let mut objects = ClusterObjects::default();
-    for path in manifest_files(dir)? {
-        let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::ReadFile { path: path.clone(), source })?;
-        add_documents(&path, &text, &mut objects)?;
+    DirCache::default().load(dir)
+}
+
+/// Size, mtime and inode: what tells a file changed without reading it (an editor that writes a
+/// new file and renames it over the old one changes the inode).
+type Stamp = (u64, Option<SystemTime>, u64);
+
+fn stamp(path: &Path) -> Result<Stamp, ManifestError> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(path).map_err(|source| ManifestError::ReadFile { path: path.to_path_buf(), source })?;
+    Ok((md.len(), md.modified().ok(), md.ino()))
+}
+
+/// The parsed objects of each file, so a change re-parses only the files that changed (parsing
+/// dominates: a 1.2 MB file of 1,000 Services takes ~0.4 s).
+#[derive(Debug, Default)]
+pub struct DirCache {
+    files: BTreeMap<PathBuf, (Stamp, Arc<ClusterObjects>)>,
+}
+
+impl DirCache {
+    /// The whole directory's objects. On error the cache is unchanged, so the next call retries.
+    pub fn load(&mut self, dir: &Path) -> Result<ClusterObjects, ManifestError> {
+        let mut files = BTreeMap::new();
+        for path in manifest_files(dir)? {
+            let st = stamp(&path)?;
+            let parsed = match self.files.get(&path) {
+                Some((old, objects)) if *old == st => objects.clone(),
+                _ => {
+                    let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::ReadFile { path: path.clone(), source })?;
+                    let mut objects = ClusterObjects::default();
+                    add_documents(&path, &text, &mut objects)?;
+                    Arc::new(objects)
+                }
+            };
+            files.insert(path, (st, parsed));
+        }
+        self.files = files;
+        let mut all = ClusterObjects::default();
+        for (_, objects) in self.files.values() {
+            all.services.extend(objects.services.iter().cloned());
+            all.endpoint_slices.extend(objects.endpoint_slices.iter().cloned());
+            all.nodes.extend(objects.nodes.iter().cloned());
+        }
+        Ok(all)
     }
-    Ok(objects)
 }
 
 fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
@@ -124,19 +165,8 @@ fn add_object(path: &Path, index: usize, doc: Value, objects: &mut ClusterObject
     Ok(())
 }
 
-/// What identifies the directory's content cheaply: each file's name, size, mtime and inode
-/// (an editor that writes a new file and renames it over the old one changes the inode).
-type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>, u64)>;
-
-fn fingerprint(dir: &Path) -> Result<Fingerprint, ManifestError> {
-    use std::os::unix::fs::MetadataExt;
-    manifest_files(dir)?
-        .into_iter()
-        .map(|p| {
-            let md = std::fs::metadata(&p).map_err(|source| ManifestError::ReadFile { path: p.clone(), source })?;
-            Ok((p, md.len(), md.modified().ok(), md.ino()))
-        })
-        .collect()
+fn fingerprint(dir: &Path) -> Result<Vec<(PathBuf, Stamp)>, ManifestError> {
+    manifest_files(dir)?.into_iter().map(|p| Ok((p.clone(), stamp(&p)?))).collect()
 }
 
 /// Polls `dir` every `interval` and publishes a new snapshot whenever its content changed.
@@ -144,6 +174,7 @@ fn fingerprint(dir: &Path) -> Result<Fingerprint, ManifestError> {
 /// files are swapped by symlink, and costs a few `stat` calls per interval.
 pub async fn run(dir: PathBuf, interval: Duration, tx: Publisher) {
     let mut last_fp = None;
+    let mut cache = DirCache::default();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -152,7 +183,7 @@ pub async fn run(dir: PathBuf, interval: Duration, tx: Publisher) {
         if fp.is_ok() && last_fp.as_ref() == Some(&fp) {
             continue;
         }
-        let result = load_dir(&dir);
+        let result = cache.load(&dir);
         publish(&tx, result);
         last_fp = Some(fp);
         if tx.is_closed() {
