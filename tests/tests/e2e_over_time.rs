@@ -83,6 +83,11 @@ fn agent_restart_under_load_loses_no_connection() {
     if !require_kernel() {
         return;
     }
+    // While the harness stands in for attaching the programs (tests/src/cluster/datapath.rs) the
+    // attachments belong to the test process and survive the kill by construction; what this then
+    // checks is that the restarted agent adopts the pinned maps (no flush, no re-numbering that
+    // would break conntrack or affinity). Once the agent attaches (and pins its links) itself, the
+    // same test covers link adoption too.
     let mut c = Cluster::start(3).unwrap();
     let backends = three_backends(&mut c);
     let client = c.add_pod(0, "client").unwrap();

@@ -217,14 +217,23 @@ impl Cluster {
             progress(&format!("{}: starting dataplane-agent (pins {}, cgroup {})", node.name, node.pins.path().display(), node.cgroup.path().display()));
             node.start_agent()?;
         }
-        if !cluster.bins.agent_run_flags.iter().any(|f| f == "--uplink") {
+        let has = |flag: &str| cluster.bins.agent_run_flags.iter().any(|f| f == flag);
+        let (agent_xdp, agent_sock) = (has("--uplink"), has("--cgroup-root"));
+        if !agent_xdp || !agent_sock {
             eprintln!(
-                "warning: `dataplane-agent run` does not attach the data path yet (no --uplink/--cgroup-root); \
-                 the harness attaches the programs over the maps the agents pinned (tests/src/cluster/datapath.rs)"
+                "warning: `dataplane-agent run` does not attach {}; the harness attaches them over the maps the agents \
+                 pinned (tests/src/cluster/datapath.rs)",
+                match (agent_xdp, agent_sock) {
+                    (false, false) => "XDP/TC nor the socket programs",
+                    (false, true) => "XDP/TC",
+                    _ => "the socket programs",
+                }
             );
             for node in &mut cluster.nodes {
-                progress(&format!("{}: attaching XDP to {} and the socket programs to the node's cgroup", node.name, node::UPLINK));
-                node.datapath = Some(datapath::HarnessDataPath::attach(&node.netns, node.pins.path(), node.cgroup.path(), node::UPLINK, node.ip)?);
+                progress(&format!("{}: attaching the data path programs the agent does not attach yet", node.name));
+                let uplink = (!agent_xdp).then_some(node::UPLINK);
+                let cgroup = (!agent_sock).then(|| node.cgroup.path().to_path_buf());
+                node.datapath = Some(datapath::HarnessDataPath::attach(&node.netns, node.pins.path(), uplink, cgroup.as_deref(), node.ip)?);
             }
         }
         // The agents install routes to the other nodes' podCIDRs: wait for them, so the first
