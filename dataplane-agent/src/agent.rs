@@ -101,15 +101,20 @@ pub enum ApplyError {
 }
 
 /// Applies every new snapshot until the source goes away. A failed apply is reported (status,
-/// metrics, log) and retried with the next snapshot; it never stops the loop.
+/// metrics, log) and retried (after `RETRY`, or with the next snapshot); it never stops the loop.
 pub async fn sync_loop(mut rx: Subscriber, actions: Actions, mut maps: Option<Reconciler>, state: Arc<AgentState>) {
     let mut routes = None;
     let mut last_applied: Option<Arc<model::ClusterObjects>> = None;
+    let mut last_source_error: Option<String> = None;
     loop {
         let snapshot: SourceState = rx.borrow_and_update().clone();
-        if let Some(err) = &snapshot.last_error {
-            state.metrics.source_errors.inc();
-            state.update(|s| s.last_error = Some(err.clone()));
+        // Counted once per distinct error, not once per loop turn (retries turn the loop too).
+        if snapshot.last_error != last_source_error {
+            if let Some(err) = &snapshot.last_error {
+                state.metrics.source_errors.inc();
+                state.update(|s| s.last_error = Some(err.clone()));
+            }
+            last_source_error = snapshot.last_error.clone();
         }
         if let Some(objects) = snapshot.objects.filter(|o| last_applied.as_ref().is_none_or(|l| !Arc::ptr_eq(l, o))) {
             let started = Instant::now();
@@ -144,7 +149,7 @@ pub async fn sync_loop(mut rx: Subscriber, actions: Actions, mut maps: Option<Re
             state.metrics.map_frontends.set(status.map_frontends as i64);
             state.metrics.map_backends.set(status.map_backends as i64);
             if let Err(e) = &applied {
-                tracing::warn!(error = %crate::errors::error_chain(e), "apply failed; retrying with the next snapshot");
+                tracing::warn!(error = %crate::errors::error_chain(e), "apply failed; retrying");
             }
             if let Some(dir) = &actions.state_dir
                 && let Err(e) = write_status(dir, &status)
@@ -152,13 +157,25 @@ pub async fn sync_loop(mut rx: Subscriber, actions: Actions, mut maps: Option<Re
                 tracing::warn!(error = %crate::errors::error_chain(&e), "status file not written");
             }
             state.ready.store(true, Ordering::Release);
-            last_applied = Some(objects);
+            // A failed apply is retried after RETRY even when the source stays quiet (a watch
+            // can be silent for minutes); a new snapshot retries sooner.
+            last_applied = applied.is_ok().then_some(objects);
         }
-        if rx.changed().await.is_err() {
+        let changed = match last_applied {
+            Some(_) => rx.changed().await,
+            None => match tokio::time::timeout(RETRY, rx.changed()).await {
+                Ok(r) => r,
+                Err(_) => Ok(()),
+            },
+        };
+        if changed.is_err() {
             return;
         }
     }
 }
+
+/// How soon a failed apply is tried again.
+pub const RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn apply(desired: &DesiredState, actions: &Actions, routes: &mut Option<RouteSync>) -> Result<(), ApplyError> {
     let Some(node) = actions.model.node_name.as_deref() else { return Ok(()) };

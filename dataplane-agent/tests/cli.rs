@@ -168,6 +168,35 @@ fn run_with_manifests_programs_maps_serves_health_metrics_status_and_node_file()
 }
 
 #[test]
+fn a_failed_apply_is_retried_without_a_source_change() {
+    let tmp = TempDir::new();
+    let manifests = tmp.0.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    copy_golden("coredns", &manifests);
+    // The node file's parent is a regular file: writing it fails until the blocker goes.
+    let blocker = tmp.0.join("blocker");
+    std::fs::write(&blocker, "").unwrap();
+    let node_file = blocker.join("node.json");
+    let port = free_port();
+    let _agent = Agent(
+        Command::new(BIN)
+            .args(["run", "--no-maps", "--manifests", manifests.to_str().unwrap(), "--node-name", "node-a"])
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--state-dir", tmp.0.join("state").to_str().unwrap()])
+            .args(["--node-file", node_file.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the failed apply in /status", || {
+        get(port, "/status").is_some_and(|(_, b)| b.contains("writing the CNI node file"))
+    });
+    std::fs::remove_file(&blocker).unwrap();
+    wait_for("the node file after a retry", || node_file.exists());
+    wait_for("the error cleared", || get(port, "/status").is_some_and(|(_, b)| b.contains("\"last_error\": null")));
+}
+
+#[test]
 fn services_without_pins_explains() {
     let out = agent(&["services", "--pin-dir", "/nonexistent/dpt-pins"]);
     assert_eq!(out.status.code(), Some(1));
