@@ -179,8 +179,10 @@ pub async fn run(dir: PathBuf, interval: Duration, tx: Publisher) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
+        // An unchanged listing (or the same listing error, e.g. the directory is gone) means
+        // nothing new to read or report.
         let fp = fingerprint(&dir).map_err(|e| e.to_string());
-        if fp.is_ok() && last_fp.as_ref() == Some(&fp) {
+        if last_fp.as_ref() == Some(&fp) {
             continue;
         }
         let result = cache.load(&dir);
