@@ -1,4 +1,4 @@
-//! Command line: `dataplane-agent run|status|services|doctor`, each with `--output json`.
+//! Command line: `dataplane-agent run|status|services|doctor|cleanup`, each with `--output json`.
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
@@ -33,6 +33,22 @@ pub enum Command {
     Services(ServicesArgs),
     /// Check that this host can run the data plane.
     Doctor(DoctorArgs),
+    /// Remove what `run` leaves in place on exit: the pinned maps, the node file, status.json and,
+    /// with `--routes`, the routes it installed. Stop the agent first.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    #[arg(long, default_value = "/sys/fs/bpf/dataplane", value_name = "DIR")]
+    pub pin_dir: PathBuf,
+    #[arg(long, default_value = crate::routes::DEFAULT_NODE_FILE, value_name = "PATH")]
+    pub node_file: PathBuf,
+    #[arg(long, default_value = "/run/dataplane", value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// Also delete the routes to other nodes' podCIDRs (those tagged with the agent's routing protocol).
+    #[arg(long)]
+    pub routes: bool,
 }
 
 #[derive(Debug, Args)]

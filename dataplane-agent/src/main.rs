@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use dataplane_agent::agent::{self, Actions, AgentState, AgentStatus};
-use dataplane_agent::cli::{Cli, Command, DoctorArgs, Output, RunArgs, ServicesArgs, StatusArgs};
+use dataplane_agent::cli::{CleanupArgs, Cli, Command, DoctorArgs, Output, RunArgs, ServicesArgs, StatusArgs};
 use dataplane_agent::maps::{Source, lb::LbMaps};
 use dataplane_agent::reconcile::{self, Reconciler};
 use dataplane_agent::model::ModelConfig;
@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         Command::Status(args) => status(args, cli.output),
         Command::Services(args) => services(args, cli.output),
         Command::Doctor(args) => Ok(doctor_cmd(args, cli.output)),
+        Command::Cleanup(args) => cleanup(args, cli.output),
     };
     match result {
         Ok(code) => code,
@@ -140,6 +141,44 @@ fn status(args: StatusArgs, output: Output) -> anyhow::Result<ExitCode> {
             }
             println!("pins in {}: {}", args.pin_dir.display(), if pins.is_empty() { "none".to_string() } else { pins.join(", ") });
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cleanup(args: CleanupArgs, output: Output) -> anyhow::Result<ExitCode> {
+    let mut removed: Vec<String> = Vec::new();
+    // Only the maps the loader pins, then the directory if that left it empty: a pin directory
+    // shared with something else keeps the rest.
+    for name in dataplane_agent::loader::PINNED_MAPS {
+        let path = args.pin_dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed.push(path.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+    if std::fs::remove_dir(&args.pin_dir).is_ok() {
+        removed.push(args.pin_dir.display().to_string());
+    }
+    for path in [args.node_file.clone(), args.state_dir.join(agent::STATUS_FILE)] {
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed.push(path.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+    if args.routes {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+        let changes = rt.block_on(async {
+            let mut sync = dataplane_agent::routes::RouteSync::new().await?;
+            sync.sync(&Default::default()).await
+        })?;
+        removed.extend(changes.removed.iter().map(|c| format!("route {c}")));
+    }
+    match output {
+        Output::Json => println!("{}", serde_json::json!({ "removed": removed })),
+        Output::Text if removed.is_empty() => println!("nothing to remove"),
+        Output::Text => removed.iter().for_each(|r| println!("removed {r}")),
     }
     Ok(ExitCode::SUCCESS)
 }

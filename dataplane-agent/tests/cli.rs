@@ -165,6 +165,16 @@ fn run_with_manifests_programs_maps_serves_health_metrics_status_and_node_file()
     let out = agent(&["services", "--output", "json", "--pin-dir", &pin_dir]);
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rows.as_array().unwrap().len(), 15, "{rows:#}");
+
+    // Only `cleanup` removes what the agent leaves behind.
+    let out = agent(&["cleanup", "--output", "json", "--pin-dir", &pin_dir, "--node-file", node_file.to_str().unwrap(), "--state-dir", state_dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let removed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Every pinned map, the pin directory, the node file and status.json.
+    assert_eq!(removed["removed"].as_array().unwrap().len(), dataplane_agent::loader::PINNED_MAPS.len() + 1 + 2, "{removed:#}");
+    assert!(!pins.path().exists() && !node_file.exists() && !state_dir.join("status.json").exists());
+    let again = agent(&["cleanup", "--pin-dir", &pin_dir, "--node-file", node_file.to_str().unwrap(), "--state-dir", state_dir.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to remove"), "cleanup is idempotent");
 }
 
 #[test]
