@@ -1,6 +1,8 @@
 //! End to end, Pod paths without Services: Pods created by the real CNI plugin on a 3-node
 //! virtual cluster reach each other on the same node and across nodes (through the routes the
 //! agents install to other nodes' podCIDRs), and the server sees the client Pod's own address.
+use std::path::PathBuf;
+
 use dataplane_tests::{
     cluster::{Cluster, ECHO_PORT, Reply},
     require_kernel,
@@ -40,4 +42,24 @@ fn pod_to_pod_same_node_and_across_nodes_without_nat() {
     let back = c.pod(third).tcp(c.pod(client).addr(ECHO_PORT), 1).unwrap();
     assert_eq!(back[0].pod(), Some("client"), "{back:?}");
     assert_eq!(back[0].client().unwrap().ip(), c.pod(third).ip);
+
+    // Teardown leaves nothing behind: namespaces, cgroups, pins, files, processes.
+    let mut paths: Vec<PathBuf> = c.nodes.iter().flat_map(|n| [n.netns.path(), n.cgroup.path().to_path_buf(), n.pins.path().to_path_buf()]).collect();
+    paths.extend([client, same, remote, third].map(|p| PathBuf::from("/run/netns").join(c.pod(p).netns())));
+    paths.push(PathBuf::from("/run/netns").join(&c.client.netns));
+    paths.push(c.dir().to_path_buf());
+    assert!(paths.iter().all(|p| p.exists()), "{paths:?}");
+    // Children are listed per thread that forked them (the test runs on a libtest thread).
+    let children = || -> String {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .map(|t| std::fs::read_to_string(t.path().join("children")).unwrap_or_default())
+            .collect()
+    };
+    assert!(!children().trim().is_empty(), "agents and echo servers are this process's children");
+    drop(c);
+    let left: Vec<_> = paths.iter().filter(|p| p.exists()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert_eq!(children().trim(), "", "child processes still running");
 }
