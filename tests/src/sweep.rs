@@ -12,11 +12,17 @@ pub struct Swept {
     pub cgroups: Vec<String>,
     pub pins: Vec<String>,
     pub links: Vec<String>,
+    /// Scratch directories under the temp dir (manifests, CNI state, sockets of a cluster).
+    pub dirs: Vec<String>,
 }
 
 impl Swept {
     pub fn is_empty(&self) -> bool {
-        self.netns.is_empty() && self.cgroups.is_empty() && self.pins.is_empty() && self.links.is_empty()
+        self.netns.is_empty()
+            && self.cgroups.is_empty()
+            && self.pins.is_empty()
+            && self.links.is_empty()
+            && self.dirs.is_empty()
     }
 }
 
@@ -64,6 +70,12 @@ pub fn sweep_leftovers(all: bool) -> Swept {
     for name in leftovers_in(Path::new(crate::bpffs::BPFFS), all) {
         if fs::remove_dir_all(Path::new(crate::bpffs::BPFFS).join(&name)).is_ok() {
             swept.pins.push(name);
+        }
+    }
+    let tmp = std::env::temp_dir();
+    for name in leftovers_in(&tmp, all) {
+        if fs::remove_dir_all(tmp.join(&name)).is_ok() {
+            swept.dirs.push(name);
         }
     }
     // The tests never create links in the root namespace; this catches a bug that would.

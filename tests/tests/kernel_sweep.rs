@@ -31,6 +31,8 @@ fn sweep_removes_what_a_killed_process_left_and_nothing_else() {
     let ebpf = loader::load(None).unwrap();
     ebpf.map(HOOKS_MAP).unwrap().pin(pins.join("hooks")).unwrap();
     drop(ebpf);
+    let scratch = std::env::temp_dir().join(&name);
+    std::fs::create_dir_all(scratch.join("state")).unwrap();
 
     // A live owner's objects must survive a sweep.
     let live = dataplane_tests::netns::NetNs::new();
@@ -47,6 +49,8 @@ fn sweep_removes_what_a_killed_process_left_and_nothing_else() {
     assert!(swept.netns.contains(&name), "{swept:?}");
     assert!(swept.cgroups.contains(&name), "{swept:?}");
     assert!(swept.pins.contains(&name), "{swept:?}");
+    assert!(swept.dirs.contains(&name), "{swept:?}");
+    assert!(!scratch.exists(), "scratch directory left");
     assert!(!Path::new("/run/netns").join(&name).exists(), "netns left");
     assert!(!cg.exists(), "cgroup left");
     assert!(!pins.exists(), "pin directory left");
