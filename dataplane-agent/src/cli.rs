@@ -33,8 +33,9 @@ pub enum Command {
     Services(ServicesArgs),
     /// Check that this host can run the data plane.
     Doctor(DoctorArgs),
-    /// Remove what `run` leaves in place on exit: the pinned maps, the node file, status.json and,
-    /// with `--routes`, the routes it installed. Stop the agent first.
+    /// Remove what `run` leaves in place on exit: the pinned links (detaching the data path),
+    /// programs and maps, the node file, status.json and, with `--routes`, the routes it installed.
+    /// Stop the agent first.
     Cleanup(CleanupArgs),
 }
 
@@ -99,6 +100,17 @@ pub struct RunArgs {
     /// Compute and serve the desired state without touching the eBPF maps.
     #[arg(long)]
     pub no_maps: bool,
+    /// Uplink interface to attach XDP to (driver mode, else generic, else TC); repeatable. Also
+    /// sets ip_forward=1 and accept_local=1 on it. With `--uplink` or `--cgroup-root` the agent
+    /// attaches the data path (uplinks, socket programs, Pod veths); with neither, only the maps.
+    #[arg(long, value_name = "IFNAME", conflicts_with = "no_maps")]
+    pub uplink: Vec<String>,
+    /// cgroup v2 directory the socket programs attach to (default when attaching: the cgroup2 mount point).
+    #[arg(long, value_name = "DIR", conflicts_with = "no_maps")]
+    pub cgroup_root: Option<PathBuf>,
+    /// This node's IPv4 address(es) NodePorts answer on in the data path (default: the uplinks' addresses).
+    #[arg(long, value_name = "IP")]
+    pub node_ip: Vec<std::net::Ipv4Addr>,
 }
 
 #[derive(Debug, Args)]

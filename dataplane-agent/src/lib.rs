@@ -1,5 +1,6 @@
 //! The dataplane agent library: the embedded eBPF object, its loader and the typed map readers.
 pub mod loader;
+pub mod attach;
 pub mod maps;
 pub mod stats;
 pub mod model;

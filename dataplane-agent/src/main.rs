@@ -55,7 +55,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 tokio::spawn(source::kube::run(client, tx, Duration::from_millis(args.debounce_ms)));
             }
         }
-        let maps = if args.no_maps { None } else { Some(open_maps(&args.pin_dir)?) };
+        let maps = if args.no_maps { None } else { Some(open_maps(&args)?) };
         let actions = Actions {
             model: ModelConfig {
                 node_name: args.node_name.clone(),
@@ -80,16 +80,49 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Opens the service maps under `pin_dir`: loading the object re-uses pinned maps that exist and
-/// pins new ones otherwise; the reconciler then adopts whatever they hold.
-fn open_maps(pin_dir: &std::path::Path) -> anyhow::Result<Reconciler> {
+/// Opens the service maps under `--pin-dir`: loading the object re-uses pinned maps that exist and
+/// pins new ones otherwise; the reconciler then adopts whatever they hold. With `--uplink` or
+/// `--cgroup-root` the programs are attached (or their pinned links adopted) first, and a task
+/// keeps attaching TC to new Pod veths (`attach.rs`).
+fn open_maps(args: &RunArgs) -> anyhow::Result<Reconciler> {
+    let pin_dir = args.pin_dir.as_path();
     std::fs::create_dir_all(pin_dir).with_context(|| format!("creating --pin-dir {}", pin_dir.display()))?;
-    let ebpf = dataplane_agent::loader::load(Some(pin_dir)).context("loading the eBPF object")?;
-    drop(ebpf); // the pins keep the maps; the reconciler opens its own handles
+    if args.uplink.is_empty() && args.cgroup_root.is_none() {
+        tracing::info!("no --uplink or --cgroup-root: programming the maps only, attaching nothing");
+        let ebpf = dataplane_agent::loader::load(Some(pin_dir)).context("loading the eBPF object")?;
+        drop(ebpf); // the pins keep the maps; the reconciler opens its own handles
+    } else {
+        attach_datapath(args)?;
+    }
     let lb = LbMaps::open(Source::Pinned(pin_dir)).context("opening the pinned service maps")?;
     let r = Reconciler::new(lb).context("adopting the service maps' content")?;
     tracing::info!(pin_dir = %pin_dir.display(), frontends = r.frontend_count(), backends = r.backend_count(), "service maps opened");
     Ok(r)
+}
+
+fn attach_datapath(args: &RunArgs) -> anyhow::Result<()> {
+    use dataplane_agent::attach::{self, DataPath};
+    // Check the cgroup before anything reaches the kernel: a bad path changes nothing.
+    let cgroup = attach::cgroup_root(args.cgroup_root.as_deref())?;
+    attach::check_cgroup2(&cgroup).with_context(|| format!("--cgroup-root {}", cgroup.display()))?;
+    let node_ips = if args.node_ip.is_empty() { attach::interface_ipv4s(&args.uplink)? } else { args.node_ip.clone() };
+    let cfg = dataplane_agent::loader::Config { node_ips, ..Default::default() };
+    attach::set_sysctls(&args.uplink)?;
+    let ebpf = dataplane_agent::loader::load_with(Some(&args.pin_dir), &cfg).context("loading the eBPF object")?;
+    let mut dp = DataPath::new(ebpf, &args.pin_dir)?;
+    for iface in &args.uplink {
+        let mode = dp.attach_uplink(iface)?;
+        tracing::info!(iface, ?mode, node_ips = ?cfg.node_ips, "uplink served");
+    }
+    let outcome = dp.attach_cgroup(&cgroup)?;
+    tracing::info!(cgroup = %cgroup.display(), ?outcome, "socket programs attached");
+    let dp = Arc::new(std::sync::Mutex::new(dp));
+    tokio::spawn(async move {
+        if let Err(e) = attach::watch_pod_veths(dp).await {
+            tracing::error!(error = %dataplane_agent::errors::error_chain(&e), "pod veth watcher stopped; new Pods get no TC program");
+        }
+    });
+    Ok(())
 }
 
 fn services(args: ServicesArgs, output: Output) -> anyhow::Result<ExitCode> {
@@ -123,8 +156,9 @@ fn status(args: StatusArgs, output: Output) -> anyhow::Result<ExitCode> {
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default();
     pins.sort();
+    let attached = dataplane_agent::attach::pinned_attachments(&args.pin_dir);
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&serde_json::json!({"status": status, "pins": pins}))?),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&serde_json::json!({"status": status, "pins": pins, "attached": attached}))?),
         Output::Text => {
             match &status {
                 None => println!("no status at {} (the agent has not synced on this node yet)", path.display()),
@@ -140,6 +174,13 @@ fn status(args: StatusArgs, output: Output) -> anyhow::Result<ExitCode> {
                 }
             }
             println!("pins in {}: {}", args.pin_dir.display(), if pins.is_empty() { "none".to_string() } else { pins.join(", ") });
+            println!("attached (pinned links): {}", if attached.is_empty() { "none" } else { "" });
+            for a in &attached {
+                match &a.error {
+                    None => println!("  {:<40} {} link {} program {} ({})", a.pin, a.link_type.as_deref().unwrap_or("?"), a.link_id.unwrap_or(0), a.program.as_deref().unwrap_or("?"), a.program_id.unwrap_or(0)),
+                    Some(e) => println!("  {:<40} unreadable: {e}", a.pin),
+                }
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -147,6 +188,8 @@ fn status(args: StatusArgs, output: Output) -> anyhow::Result<ExitCode> {
 
 fn cleanup(args: CleanupArgs, output: Output) -> anyhow::Result<ExitCode> {
     let mut removed: Vec<String> = Vec::new();
+    // Links first: removing their pins detaches the programs (nothing else holds them).
+    removed.extend(dataplane_agent::attach::remove_pins(&args.pin_dir)?.iter().map(|p| p.display().to_string()));
     // Only the maps the loader pins, then the directory if that left it empty: a pin directory
     // shared with something else keeps the rest.
     for name in dataplane_agent::loader::PINNED_MAPS {
