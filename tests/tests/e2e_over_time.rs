@@ -1,13 +1,14 @@
 //! End to end, behaviour over time: session affinity within and after its timeout, removing a
 //! backend under load, and restarting (kill -9) an agent under steady load.
 use std::{
-    collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddr},
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
+use dataplane_agent::maps::{Source, ct::CtMap};
 use dataplane_tests::{
-    cluster::{Cluster, ECHO_PORT, PodId, Service, tally},
+    cluster::{CLIENT_IP, Cluster, ECHO_PORT, PodId, Service, tally},
     require_kernel,
 };
 
@@ -78,16 +79,31 @@ fn removed_backend_gets_no_new_connections_within_1s_while_others_live_on() {
     }
 }
 
+/// `pin name -> (link id, program id)` of the links the agent pinned on `node`.
+fn links(c: &Cluster, node: usize) -> BTreeMap<String, (u32, u32)> {
+    dataplane_agent::attach::pinned_attachments(c.nodes[node].pins.path())
+        .into_iter()
+        .map(|a| {
+            assert_eq!(a.error, None, "{a:?}");
+            (a.pin, (a.link_id.unwrap(), a.program_id.unwrap()))
+        })
+        .collect()
+}
+
+/// Conntrack tuples (src, dst, proto, direction) in node `node`'s pinned map.
+fn conntrack(c: &Cluster, node: usize) -> BTreeSet<(SocketAddrV4, SocketAddrV4, u8, bool)> {
+    let ct = CtMap::open(Source::Pinned(c.nodes[node].pins.path())).unwrap();
+    ct.dump().unwrap().into_iter().map(|f| (f.src, f.dst, f.proto, f.reply)).collect()
+}
+
 #[test]
 fn agent_restart_under_load_loses_no_connection() {
     if !require_kernel() {
         return;
     }
-    // While the harness stands in for attaching the programs (tests/src/cluster/datapath.rs) the
-    // attachments belong to the test process and survive the kill by construction; what this then
-    // checks is that the restarted agent adopts the pinned maps (no flush, no re-numbering that
-    // would break conntrack or affinity). Once the agent attaches (and pins its links) itself, the
-    // same test covers link adoption too.
+    // Every program on node-1 is attached by its agent through pinned bpf_links (uplink XDP,
+    // socket programs on the node's cgroup, TC on the Pod veths); kill -9 leaves them in place,
+    // and the restarted agent adopts them (same links, programs swapped atomically) and the maps.
     let mut c = Cluster::start(3).unwrap();
     let backends = three_backends(&mut c);
     let client = c.add_pod(0, "client").unwrap();
@@ -100,14 +116,49 @@ fn agent_restart_under_load_loses_no_connection() {
     let duration = Duration::from_millis(4000);
     let pod_conns = c.pod(client).hold(vip, 6, duration, Duration::from_millis(50)).unwrap();
     let ext_conns = c.client.hold(nodeport, 6, duration, Duration::from_millis(50)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let links_before = links(&c, 0);
+    let client_veth = c.pod(client).host_veth.clone();
+    for pin in ["xdp-eth0".to_string(), format!("tc-{client_veth}")] {
+        assert!(links_before.contains_key(&pin), "the agent did not pin {pin}: {links_before:?}");
+    }
+    assert_eq!(links_before.keys().filter(|p| p.starts_with("dp_sock_")).count(), 4, "{links_before:?}");
+    let ct_before = conntrack(&c, 0);
+    let held_flows: Vec<_> = ct_before.iter().filter(|(src, ..)| *src.ip() == CLIENT_IP).collect();
+    assert!(!held_flows.is_empty(), "no conntrack entry for the client's NodePort connections: {ct_before:?}");
+    let services_before = c.nodes[0].agent_cli(&["services", "--pin-dir", &c.nodes[0].pins.path().display().to_string()]).unwrap();
 
     c.nodes[0].kill_agent();
+    // While the agent is down `status` reads the attachments from the pins.
+    let status = c.nodes[0]
+        .agent_cli(&["status", "--output", "json", "--pin-dir", &c.nodes[0].pins.path().display().to_string(), "--state-dir", &c.nodes[0].state_dir().display().to_string()])
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let xdp = status["attached"].as_array().unwrap().iter().find(|a| a["pin"] == "xdp-eth0").cloned();
+    assert_eq!(xdp.as_ref().map(|a| a["program"].clone()), Some(serde_json::json!("dp_xdp_ingress")), "{status}");
     // While the agent is down the pinned programs and maps keep serving new connections too.
     let during = [c.pod(client).tcp(vip, 10).unwrap(), c.client.tcp(nodeport, 10).unwrap()].concat();
     c.nodes[0].start_agent().unwrap();
     let after = [c.pod(client).tcp(vip, 10).unwrap(), c.client.tcp(nodeport, 10).unwrap()].concat();
     assert!(during.iter().all(|r| r.is_ok()), "new connections while the agent was down: {:?}", tally(&during));
     assert!(after.iter().all(|r| r.is_ok()), "new connections after the restart: {:?}", tally(&after));
+
+    // Same links (adopted, never detached); XDP/TC now run the restarted agent's programs.
+    let links_after = links(&c, 0);
+    for (pin, (link, prog)) in &links_before {
+        let (link_after, prog_after) = links_after.get(pin).unwrap_or_else(|| panic!("{pin} is gone after the restart: {links_after:?}"));
+        assert_eq!(link_after, link, "{pin}: the link was re-created");
+        if pin.starts_with("xdp-") || pin.starts_with("tc-") {
+            assert_ne!(prog_after, prog, "{pin}: the program was not updated in place");
+        }
+    }
+    // No map was flushed: the service table is the same, every conntrack entry is still there.
+    let services_after = c.nodes[0].agent_cli(&["services", "--pin-dir", &c.nodes[0].pins.path().display().to_string()]).unwrap();
+    assert_eq!(services_after, services_before);
+    let ct_after = conntrack(&c, 0);
+    let lost: Vec<_> = ct_before.difference(&ct_after).collect();
+    assert!(lost.is_empty(), "conntrack entries lost across the restart: {lost:?}");
 
     for (path, held) in [("pod -> ClusterIP", pod_conns.finish().unwrap()), ("client -> NodePort", ext_conns.finish().unwrap())] {
         assert_eq!(held.len(), 6, "{path}: {held:?}");

@@ -24,7 +24,6 @@
 //! let replies = c.pod(a).tcp("10.96.0.10:80".parse().unwrap(), 10).unwrap();
 //! ```
 pub mod client;
-pub mod datapath;
 pub mod fabric;
 pub mod manifests;
 pub mod node;
@@ -191,7 +190,6 @@ impl Cluster {
                 pod_cidr: format!("10.244.{n}.0/24"),
                 http_port: 19960 + n as u16,
                 agent: None,
-                datapath: None,
                 netns,
                 cgroup: crate::cgroup::Cgroup::new(),
                 pins: crate::bpffs::PinDir::new(),
@@ -202,39 +200,11 @@ impl Cluster {
         }
         let ports = (1..=nodes).map(|n| format!("n{n}")).chain(["client".to_string()]).collect();
         cluster.fabric = fabric::pass_on_ports(&cluster.underlay, ports)?;
-        let missing: Vec<&str> = cluster.nodes[0]
-            .wanted_flags()
-            .into_iter()
-            .map(|(f, _)| f)
-            .filter(|f| !cluster.bins.agent_run_flags.iter().any(|h| h == f))
-            .collect();
-        if !missing.is_empty() {
-            eprintln!("warning: `dataplane-agent run` has no {}; the agents start without them", missing.join(", "));
-        }
         cluster.write_nodes()?;
         cluster.write_services()?;
         for node in &mut cluster.nodes {
             progress(&format!("{}: starting dataplane-agent (pins {}, cgroup {})", node.name, node.pins.path().display(), node.cgroup.path().display()));
             node.start_agent()?;
-        }
-        let has = |flag: &str| cluster.bins.agent_run_flags.iter().any(|f| f == flag);
-        let (agent_xdp, agent_sock) = (has("--uplink"), has("--cgroup-root"));
-        if !agent_xdp || !agent_sock {
-            eprintln!(
-                "warning: `dataplane-agent run` does not attach {}; the harness attaches them over the maps the agents \
-                 pinned (tests/src/cluster/datapath.rs)",
-                match (agent_xdp, agent_sock) {
-                    (false, false) => "XDP/TC nor the socket programs",
-                    (false, true) => "XDP/TC",
-                    _ => "the socket programs",
-                }
-            );
-            for node in &mut cluster.nodes {
-                progress(&format!("{}: attaching the data path programs the agent does not attach yet", node.name));
-                let uplink = (!agent_xdp).then_some(node::UPLINK);
-                let cgroup = (!agent_sock).then(|| node.cgroup.path().to_path_buf());
-                node.datapath = Some(datapath::HarnessDataPath::attach(&node.netns, node.pins.path(), uplink, cgroup.as_deref(), node.ip)?);
-            }
         }
         // The agents install routes to the other nodes' podCIDRs: wait for them, so the first
         // cross-node request does not race the route sync.
@@ -321,9 +291,11 @@ impl Cluster {
         });
         let cni = pod::Cni { binary: self.bins.cni.clone(), node_netns: n.netns.name().to_owned(), config };
         let pod = Pod::create(name, &n.name, n.cgroup.path(), cni, self.bins.echo.clone(), ECHO_PORT)?;
-        if let Some(dp) = &n.datapath {
-            dp.attach_pod(&pod.host_veth)?;
-        }
+        // The agent attaches TC ingress to the new veth when netlink reports it; wait for its
+        // pinned link so the Pod's first packet does not race the attach.
+        let pin = n.pod_link_pin(&pod.host_veth);
+        wait_for(&format!("the agent on {} to attach TC to {}", n.name, pod.host_veth), Duration::from_secs(5), || pin.exists().then_some(()))
+            .map_err(|e| ClusterError::Timeout { what: e.to_string(), detail: n.log_tail() })?;
         self.pods.push(Some(pod));
         Ok(PodId(self.pods.len() - 1))
     }

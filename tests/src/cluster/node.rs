@@ -28,8 +28,6 @@ pub struct Node {
     /// Port of the agent's /healthz, /status, /metrics on the node's loopback.
     pub http_port: u16,
     pub(super) agent: Option<Proc>,
-    /// Set when the harness attached the data path because the agent cannot yet (see `datapath`).
-    pub(super) datapath: Option<super::datapath::HarnessDataPath>,
     pub netns: NetNs,
     pub cgroup: Cgroup,
     pub pins: PinDir,
@@ -52,7 +50,9 @@ impl Node {
         self.dir.join("agent.log")
     }
 
-    /// Every `run` flag the harness wants to pass, with its value.
+    /// Every `run` flag the harness passes, with its value. `--uplink` and `--cgroup-root` make the
+    /// agent attach the data path itself: XDP on the uplink, the socket programs on the node's
+    /// cgroup (never the host's root cgroup), TC on every Pod veth the CNI plugin creates.
     pub fn wanted_flags(&self) -> Vec<(&'static str, Option<String>)> {
         let s = |p: &Path| Some(p.display().to_string());
         vec![
@@ -69,19 +69,19 @@ impl Node {
         ]
     }
 
-    /// The agent command line (after the program name). Flags the agent binary does not have
-    /// ([`Binaries::agent_run_flags`]) are left out (`Cluster::start` warns once), so that the
-    /// parts that exist can be tested while the agent grows; tests of what is missing then fail
-    /// on behaviour.
+    /// The agent command line (after the program name).
     pub fn agent_args(&self) -> Vec<String> {
         let mut args = vec!["run".to_string()];
         for (flag, value) in self.wanted_flags() {
-            if self.bins.agent_run_flags.iter().any(|f| f == flag) {
-                args.push(flag.into());
-                args.extend(value);
-            }
+            args.push(flag.into());
+            args.extend(value);
         }
         args
+    }
+
+    /// The pinned bpf_link through which the agent attached TC ingress to a Pod's host veth.
+    pub fn pod_link_pin(&self, host_veth: &str) -> PathBuf {
+        self.pins.path().join(dataplane_agent::attach::LINKS_DIR).join(format!("tc-{host_veth}"))
     }
 
     /// Starts the agent inside the node's netns and an `agent` cgroup under the node's cgroup

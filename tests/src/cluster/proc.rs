@@ -18,8 +18,6 @@ pub struct Binaries {
     pub agent: PathBuf,
     pub cni: PathBuf,
     pub echo: PathBuf,
-    /// The flags `dataplane-agent run --help` lists.
-    pub agent_run_flags: Vec<String>,
 }
 
 impl Binaries {
@@ -37,17 +35,7 @@ impl Binaries {
                 detail: format!("not found in {dirs:?}; build it first (`cargo build --bins`) or set DPT_BIN_DIR"),
             })
         };
-        let agent = find("dataplane-agent")?;
-        let help = std::process::Command::new(&agent)
-            .args(["run", "--help"])
-            .output()
-            .map_err(|e| ClusterError::Binary { name: "dataplane-agent", detail: format!("run --help: {e}") })?;
-        let agent_run_flags = String::from_utf8_lossy(&help.stdout)
-            .split_whitespace()
-            .filter(|w| w.starts_with("--"))
-            .map(|w| w.trim_end_matches(',').to_owned())
-            .collect();
-        Ok(Binaries { agent, cni: find("dataplane-cni")?, echo: find("echo-server")?, agent_run_flags })
+        Ok(Binaries { agent: find("dataplane-agent")?, cni: find("dataplane-cni")?, echo: find("echo-server")? })
     }
 }
 
