@@ -41,8 +41,8 @@ pub enum Origin {
 type Addr = <V4 as Family>::Addr;
 
 #[inline(always)]
-fn ct_key(m: &Ipv4Meta, dir: u8) -> CtKey<Addr> {
-    CtKey { saddr: m.saddr_be, daddr: m.daddr_be, sport_be: m.sport_be, dport_be: m.dport_be, proto: m.proto, dir, _pad: [0; 2] }
+fn ct_key(m: &Ipv4Meta) -> CtKey<Addr> {
+    CtKey { saddr: m.saddr_be, daddr: m.daddr_be, sport_be: m.sport_be, dport_be: m.dport_be, proto: m.proto, _pad: [0; 3] }
 }
 
 #[inline(always)]
@@ -84,24 +84,26 @@ pub fn handle<P: Rewrite>(p: &P, m: &Ipv4Meta, origin: Origin, len: u64) -> Resu
     if m.fragment || (m.proto != IPPROTO_TCP && m.proto != IPPROTO_UDP) {
         return Ok(Outcome::Untouched);
     }
-    // 1. A reply of a translated flow: restore the frontend as source (and the client as
-    //    destination when the request was SNATed).
+    // One lookup of the packet's own tuple answers both questions (the entry says which side
+    // of its flow the tuple is), so a request does not first miss on a reply key.
+    let fkey = ct_key(m);
     // SAFETY: entries are copied out at once.
-    if let Some(e) = unsafe { V4::ct().get(&ct_key(m, CT_REPLY)).copied() } {
-        // SAFETY: as above.
-        let rn = unsafe { V4::rev_nat().get(&e.rev_nat_id).copied() }.ok_or(DropReason::RevNatMissing)?;
-        let fe_addr = if rn.addr != 0 { rn.addr } else { e.nat_addr };
-        set_src(p, m, fe_addr, rn.port_be)?;
-        if e.flags & CT_FLAG_SNAT != 0 {
-            set_dst(p, m, e.orig_addr, e.orig_port_be)?;
-        }
-        count_service(e.rev_nat_id, len);
-        return Ok(if e.flags & CT_FLAG_EXTERNAL != 0 { Outcome::Forward } else { Outcome::Translated });
-    }
-    // 2. A known connection keeps its backend, as long as that backend still exists.
-    let fkey = ct_key(m, CT_FORWARD);
-    // SAFETY: as above.
     if let Some(e) = unsafe { V4::ct().get(&fkey).copied() } {
+        if e.dir == CT_REPLY {
+            // 1. A reply of a translated flow: restore the frontend as source (and the client
+            //    as destination when the request was SNATed).
+            // SAFETY: as above.
+            let rn = unsafe { V4::rev_nat().get(&e.rev_nat_id).copied() }.ok_or(DropReason::RevNatMissing)?;
+            let fe_addr = if rn.addr != 0 { rn.addr } else { e.nat_addr };
+            set_src(p, m, fe_addr, rn.port_be)?;
+            if e.flags & CT_FLAG_SNAT != 0 {
+                set_dst(p, m, e.orig_addr, e.orig_port_be)?;
+            }
+            count_service(e.rev_nat_id, len);
+            return Ok(if e.flags & CT_FLAG_EXTERNAL != 0 { Outcome::Forward } else { Outcome::Translated });
+        }
+        // 2. A known connection keeps its backend, as long as that backend still exists; a
+        //    removed one is re-selected below and its entry overwritten.
         if lb::still_there::<V4>(e.backend_id, e.nat_addr, e.nat_port_be) {
             count_service(e.rev_nat_id, len);
             return apply_forward(p, m, &e);
@@ -153,8 +155,7 @@ pub fn handle<P: Rewrite>(p: &P, m: &Ipv4Meta, origin: Origin, len: u64) -> Resu
         sport_be: be.port_be,
         dport_be: snat_port,
         proto: m.proto,
-        dir: CT_REPLY,
-        _pad: [0; 2],
+        _pad: [0; 3],
     };
     let reply = CtEntry {
         nat_addr: m.daddr_be,
@@ -164,7 +165,8 @@ pub fn handle<P: Rewrite>(p: &P, m: &Ipv4Meta, origin: Origin, len: u64) -> Resu
         backend_id,
         rev_nat_id: svc.rev_nat_id,
         flags,
-        _pad: [0; 3],
+        dir: CT_REPLY,
+        _pad: [0; 2],
     };
     let fwd = CtEntry {
         nat_addr: be.addr,
@@ -174,7 +176,8 @@ pub fn handle<P: Rewrite>(p: &P, m: &Ipv4Meta, origin: Origin, len: u64) -> Resu
         backend_id,
         rev_nat_id: svc.rev_nat_id,
         flags,
-        _pad: [0; 3],
+        dir: CT_FORWARD,
+        _pad: [0; 2],
     };
     // The reply entry first: once the forward entry exists, a reply may arrive. BPF_NOEXIST
     // makes the common case one map operation; only when the tuple is taken is it looked at.
@@ -182,14 +185,16 @@ pub fn handle<P: Rewrite>(p: &P, m: &Ipv4Meta, origin: Origin, len: u64) -> Resu
         // SAFETY: copied out at once.
         match unsafe { V4::ct().get(&rkey).copied() } {
             // The same client re-selected (its forward entry was evicted or its backend
-            // changed): refresh the entry.
-            Some(other) if other.orig_addr == m.saddr_be && other.orig_port_be == m.sport_be => {
+            // changed): refresh the entry. A forward entry with this tuple is another flow.
+            Some(other) if other.dir == CT_REPLY && other.orig_addr == m.saddr_be && other.orig_port_be == m.sport_be => {
                 V4::ct().insert(&rkey, &reply, 0).map_err(|_| DropReason::MapUpdateFailed)?;
             }
             Some(_) => return Err(DropReason::SnatCollision),
             None => return Err(DropReason::MapUpdateFailed),
         }
     }
+    // Overwrites only a forward entry whose backend is gone: a reply entry with this tuple
+    // would have been found by the lookup above.
     V4::ct().insert(&fkey, &fwd, 0).map_err(|_| DropReason::MapUpdateFailed)?;
     count_service(svc.rev_nat_id, len);
     apply_forward(p, m, &fwd)

@@ -113,8 +113,7 @@ fn ct_entry(f: &CtFlow) -> (CtKey<u32>, CtEntry<u32>) {
         sport_be: f.src.port().to_be(),
         dport_be: f.dst.port().to_be(),
         proto: f.proto,
-        dir: if f.reply { CT_REPLY } else { CT_FORWARD },
-        _pad: [0; 2],
+        _pad: [0; 3],
     };
     let e = CtEntry {
         nat_addr: ip4_to_map(*f.nat.ip()),
@@ -124,7 +123,8 @@ fn ct_entry(f: &CtFlow) -> (CtKey<u32>, CtEntry<u32>) {
         backend_id: f.backend_id,
         rev_nat_id: f.rev_nat_id,
         flags: (if f.snat { CT_FLAG_SNAT } else { 0 }) | (if f.external { CT_FLAG_EXTERNAL } else { 0 }),
-        _pad: [0; 3],
+        dir: if f.reply { CT_REPLY } else { CT_FORWARD },
+        _pad: [0; 2],
     };
     (k, e)
 }

@@ -36,7 +36,7 @@ impl CtFlow {
             src: sa(k.saddr, k.sport_be),
             dst: sa(k.daddr, k.dport_be),
             proto: k.proto,
-            reply: k.dir == CT_REPLY,
+            reply: e.dir == CT_REPLY,
             nat: sa(e.nat_addr, e.nat_port_be),
             orig: sa(e.orig_addr, e.orig_port_be),
             backend_id: e.backend_id,
