@@ -26,7 +26,7 @@ pub enum Output {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Watch the cluster (or a manifests directory) and keep the node programmed.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the agent's sync state, counts, last error and pinned objects (works while it is down).
     Status(StatusArgs),
     /// The frontend -> backends table, read from the pinned maps (works while the agent is down).
@@ -103,10 +103,11 @@ pub struct RunArgs {
     /// Uplink interface to attach XDP to (driver mode, else generic, else TC); repeatable. Also
     /// sets ip_forward=1 and accept_local=1 on it. With `--uplink` or `--cgroup-root` the agent
     /// attaches the data path (uplinks, socket programs, Pod veths); with neither, only the maps.
-    #[arg(long, value_name = "IFNAME", conflicts_with = "no_maps")]
+    /// From config: env DATAPLANE_UPLINKS (comma-separated; the DaemonSet can fill it from the ConfigMap).
+    #[arg(long, env = "DATAPLANE_UPLINKS", value_delimiter = ',', value_name = "IFNAME", conflicts_with = "no_maps")]
     pub uplink: Vec<String>,
     /// cgroup v2 directory the socket programs attach to (default when attaching: the cgroup2 mount point).
-    #[arg(long, value_name = "DIR", conflicts_with = "no_maps")]
+    #[arg(long, env = "DATAPLANE_CGROUP_ROOT", value_name = "DIR", conflicts_with = "no_maps")]
     pub cgroup_root: Option<PathBuf>,
     /// This node's IPv4 address(es) NodePorts answer on in the data path (default: the uplinks' addresses).
     #[arg(long, value_name = "IP")]

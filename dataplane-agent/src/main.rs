@@ -17,7 +17,7 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Status(args) => status(args, cli.output),
         Command::Services(args) => services(args, cli.output),
         Command::Doctor(args) => Ok(doctor_cmd(args, cli.output)),
