@@ -18,9 +18,14 @@
 //! of ns of test-harness overhead for every path, the floor included. Paths are interleaved within
 //! each round; a figure is the median over rounds of each round's median.
 //!
+//! The kernel's clock steps in ~10 ns on the machines we measured, so a single sample is a
+//! multiple of ~10 ns; medians of 300 such samples are therefore quantised too (read a change of
+//! one step as noise).
+//!
 //! Reading the miss figure: every miss uses a tuple never seen before, so its two conntrack
-//! inserts (LRU, preallocated) and the lookups that precede them touch cold buckets and elements;
-//! with the inserts compiled out the same run measured ~660 ns against ~1000-1400 ns with them.
+//! inserts (LRU, preallocated) and the lookup that precedes them touch cold buckets and elements;
+//! with the inserts compiled out the same run measured ~660 ns against ~1000-1400 ns with them
+//! (before conntrack moved its direction into the value, ct4_v2). See docs/datapath.md.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::programs::Xdp;
