@@ -71,19 +71,22 @@ pub struct DirCache {
 impl DirCache {
     /// The whole directory's objects. On error the cache is unchanged, so the next call retries.
     pub fn load(&mut self, dir: &Path) -> Result<ClusterObjects, ManifestError> {
-        let mut files = BTreeMap::new();
+        let mut listing = Vec::new();
         for path in manifest_files(dir)? {
             let st = stamp(&path)?;
-            let parsed = match self.files.get(&path) {
-                Some((old, objects)) if *old == st => objects.clone(),
-                _ => {
-                    let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::ReadFile { path: path.clone(), source })?;
-                    let mut objects = ClusterObjects::default();
-                    add_documents(&path, &text, &mut objects)?;
-                    Arc::new(objects)
-                }
+            let cached = self.files.get(&path).filter(|(old, _)| *old == st).map(|(_, objects)| objects.clone());
+            listing.push((path, st, cached));
+        }
+        let stale: Vec<&Path> = listing.iter().filter(|(_, _, c)| c.is_none()).map(|(p, _, _)| p.as_path()).collect();
+        let mut parsed = parse_files(&stale).into_iter();
+        let mut files = BTreeMap::new();
+        for (path, st, cached) in listing {
+            let objects = match cached {
+                Some(objects) => objects,
+                // In name order, so the error reported is the first broken file's.
+                None => parsed.next().expect("one result per stale file")?,
             };
-            files.insert(path, (st, parsed));
+            files.insert(path, (st, objects));
         }
         self.files = files;
         let mut all = ClusterObjects::default();
@@ -94,6 +97,38 @@ impl DirCache {
         }
         Ok(all)
     }
+}
+
+/// Reads and parses `paths`, spread over the available cores: at start-up every file is new, and
+/// YAML parsing is the bulk of the start-up time (~0.4 s per 1.2 MB file). Results in input order.
+fn parse_files(paths: &[&Path]) -> Vec<Result<Arc<ClusterObjects>, ManifestError>> {
+    let parse = |path: &Path| -> Result<Arc<ClusterObjects>, ManifestError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::ReadFile { path: path.to_path_buf(), source })?;
+        let mut objects = ClusterObjects::default();
+        add_documents(path, &text, &mut objects)?;
+        Ok(Arc::new(objects))
+    };
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(paths.len());
+    if workers <= 1 {
+        return paths.iter().map(|p| parse(p)).collect();
+    }
+    let mut results: Vec<Option<Result<Arc<ClusterObjects>, ManifestError>>> = (0..paths.len()).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let parse = &parse;
+                // Worker w takes files w, w + workers, ...: sizes in a directory are similar enough.
+                scope.spawn(move || paths.iter().enumerate().skip(w).step_by(workers).map(|(i, p)| (i, parse(p))).collect::<Vec<_>>())
+            })
+            .collect();
+        for h in handles {
+            // A panic in a parser is a bug; re-raise it here rather than report a half-read directory.
+            for (i, r) in h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)) {
+                results[i] = Some(r);
+            }
+        }
+    });
+    results.into_iter().map(|r| r.expect("every file parsed by one worker")).collect()
 }
 
 fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
@@ -208,4 +243,37 @@ pub fn publish(tx: &Publisher, result: Result<ClusterObjects, ManifestError>) {
             state.last_error = Some(msg);
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(name: &str) -> String {
+        format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  clusterIP: 10.96.0.1\n  ports:\n  - port: 80\n---\n")
+    }
+
+    /// Several new files are parsed on several threads; the result keeps name order, and the
+    /// error reported is the first broken file's whichever worker found it.
+    #[test]
+    fn parallel_parse_keeps_name_order_and_reports_the_first_broken_file() {
+        let dir = std::env::temp_dir().join(format!("dpt-{}-manifests-par", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..6 {
+            std::fs::write(dir.join(format!("f{i}.yaml")), service(&format!("s{i}"))).unwrap();
+        }
+        let names = |o: &ClusterObjects| o.services.iter().map(|s| s.metadata.name.clone().unwrap()).collect::<Vec<_>>();
+        let mut cache = DirCache::default();
+        assert_eq!(names(&cache.load(&dir).unwrap()), ["s0", "s1", "s2", "s3", "s4", "s5"]);
+        std::fs::write(dir.join("f1.yaml"), "kind: [").unwrap();
+        std::fs::write(dir.join("f4.yaml"), "kind: [").unwrap();
+        std::fs::write(dir.join("f2.yaml"), service("s2b")).unwrap();
+        let err = cache.load(&dir).unwrap_err();
+        assert!(matches!(&err, ManifestError::Yaml { path, .. } if path.ends_with("f1.yaml")), "{err}");
+        // The cache kept the last good state, so fixing the files gives the new content.
+        std::fs::write(dir.join("f1.yaml"), service("s1")).unwrap();
+        std::fs::write(dir.join("f4.yaml"), service("s4")).unwrap();
+        assert_eq!(names(&cache.load(&dir).unwrap()), ["s0", "s1", "s2b", "s3", "s4", "s5"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
