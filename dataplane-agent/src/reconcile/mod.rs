@@ -155,7 +155,9 @@ impl Reconciler {
         let mut changes = Changes::default();
 
         // 1. Backends: new ones and changed flags (local, terminating).
-        for (addr, b) in plan.backends() {
+        // Collected once: at 10k Services this is a 100k-entry map, used again for step 5.
+        let wanted = plan.backends();
+        for (&addr, b) in &wanted {
             let spec = BackendSpec { addr, local: b.local, terminating: b.terminating };
             let id = match self.backends.get(&addr) {
                 Some((_, old)) if *old == spec => continue,
@@ -231,7 +233,6 @@ impl Reconciler {
             self.rev_nat.remove(&key);
             self.rev_nat_ids.release(id);
         }
-        let wanted = plan.backends();
         let stale_be: Vec<(SocketAddrV4, u32)> =
             self.backends.iter().filter(|(a, _)| !wanted.contains_key(a)).map(|(a, (id, _))| (*a, *id)).collect();
         for (addr, id) in stale_be {
