@@ -294,6 +294,24 @@ fn rows() -> Vec<Row> {
             counted: Some(10),
         },
         Row {
+            // Conntrack keys carry no direction (ct4_v2): one tuple is one side of one flow.
+            what: "new connection whose reply tuple is another flow's forward tuple: refused, nothing written",
+            prog: Prog::Xdp,
+            seed: Box::new(move |m| {
+                backends(m);
+                svc(m, NODEPORT, Proto::Tcp, ServiceKind::NodePort, 0, 0, 10, &[1]);
+                let (k, e) = ct_entry(&ct(false, LOCAL_BE, CLIENT, Proto::Tcp, REMOTE_BE, LOCAL_BE, 2, 12, 0));
+                m.ct.insert(k, e).unwrap();
+            }),
+            input: np_syn.clone(),
+            verdict: XDP_DROP,
+            output: None,
+            drop: Some(DropReason::SnatCollision),
+            ct: vec![ct(false, LOCAL_BE, CLIENT, Proto::Tcp, REMOTE_BE, LOCAL_BE, 2, 12, 0)],
+            affinity: None,
+            counted: None,
+        },
+        Row {
             what: "affinity hit: the client's fresh entry wins over the slots",
             prog: Prog::Xdp,
             seed: Box::new(move |m| {
