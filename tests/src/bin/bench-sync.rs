@@ -43,7 +43,7 @@ const ENDPOINTS: usize = 10;
 /// Services with their EndpointSlices (~1.2 MB each).
 const FILES: usize = 10;
 const STARTS: usize = 3;
-const CHANGES: usize = 30;
+const CHANGES: usize = 20;
 const LISTEN: &str = "127.0.0.1:9964";
 /// The agent's poll interval for the directory: part of every change's latency.
 const POLL_MS: &str = "10";
@@ -195,7 +195,7 @@ fn frontend(i: usize) -> Frontend {
 fn count_entries<K: aya::Pod, V: aya::Pod>(pins: &Path, name: &str) -> usize {
     let data = aya::maps::MapData::from_pin(pins.join(name)).unwrap();
     let map: aya::maps::HashMap<_, K, V> = aya::maps::Map::from_map_data(data).unwrap().try_into().unwrap();
-    map.keys().map(|k| k.unwrap()).count()
+    map.keys().collect::<Result<Vec<K>, _>>().unwrap().len()
 }
 
 fn vm_hwm_mib(pid: u32) -> f64 {
