@@ -157,6 +157,18 @@ pub async fn sync_loop(mut rx: Subscriber, actions: Actions, mut maps: Option<Re
                 tracing::warn!(error = %crate::errors::error_chain(&e), "status file not written");
             }
             state.ready.store(true, Ordering::Release);
+            if applied.is_ok()
+                && let Some(node_file) = &actions.node_file
+            {
+                // The CNI plugin's STATUS answers "not ready" (code 50) until this file exists, so
+                // the runtime starts no Pod before the data plane is programmed (docs/cni.md).
+                let ready = readiness_file(node_file);
+                if !ready.exists()
+                    && let Err(e) = std::fs::write(&ready, b"")
+                {
+                    tracing::warn!(path = %ready.display(), error = %e, "CNI readiness file not written");
+                }
+            }
             // A failed apply is retried after RETRY even when the source stays quiet (a watch
             // can be silent for minutes); a new snapshot retries sooner.
             last_applied = applied.is_ok().then_some(objects);
@@ -172,6 +184,12 @@ pub async fn sync_loop(mut rx: Subscriber, actions: Actions, mut maps: Option<Re
             return;
         }
     }
+}
+
+/// The CNI readiness file: `ready` beside the node file (`/run/dataplane/ready` by default, the
+/// plugin's default `readinessFile`).
+pub fn readiness_file(node_file: &std::path::Path) -> PathBuf {
+    node_file.with_file_name("ready")
 }
 
 /// How soon a failed apply is tried again.

@@ -203,7 +203,7 @@ fn cleanup(args: CleanupArgs, output: Output) -> anyhow::Result<ExitCode> {
     if std::fs::remove_dir(&args.pin_dir).is_ok() {
         removed.push(args.pin_dir.display().to_string());
     }
-    for path in [args.node_file.clone(), args.state_dir.join(agent::STATUS_FILE)] {
+    for path in [args.node_file.clone(), agent::readiness_file(&args.node_file), args.state_dir.join(agent::STATUS_FILE)] {
         match std::fs::remove_file(&path) {
             Ok(()) => removed.push(path.display().to_string()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

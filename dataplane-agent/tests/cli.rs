@@ -127,6 +127,8 @@ fn run_with_manifests_programs_maps_serves_health_metrics_status_and_node_file()
     assert_eq!(metric(port, "dataplane_agent_frontends"), Some(3.0));
     assert!(metric(port, "dataplane_agent_sync_duration_seconds_count").unwrap() >= 1.0);
     assert_eq!(std::fs::read_to_string(&node_file).unwrap(), "{\"podCIDRs\":[\"10.244.0.0/24\",\"fd00:10:244::/64\"]}\n");
+    // The CNI plugin's STATUS waits for this file (docs/cni.md).
+    assert!(tmp.0.join("ready").exists(), "the CNI readiness file after the first sync");
     assert_eq!(metric(port, "dataplane_agent_map_frontend_entries"), Some(3.0));
     let out = agent(&["services", "--pin-dir", &pin_dir]);
     let table = String::from_utf8_lossy(&out.stdout);
@@ -170,9 +172,10 @@ fn run_with_manifests_programs_maps_serves_health_metrics_status_and_node_file()
     let out = agent(&["cleanup", "--output", "json", "--pin-dir", &pin_dir, "--node-file", node_file.to_str().unwrap(), "--state-dir", state_dir.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let removed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    // Every pinned map, the pin directory, the node file and status.json.
-    assert_eq!(removed["removed"].as_array().unwrap().len(), dataplane_agent::loader::PINNED_MAPS.len() + 1 + 2, "{removed:#}");
+    // Every pinned map, the pin directory, the node file, the CNI readiness file and status.json.
+    assert_eq!(removed["removed"].as_array().unwrap().len(), dataplane_agent::loader::PINNED_MAPS.len() + 1 + 3, "{removed:#}");
     assert!(!pins.path().exists() && !node_file.exists() && !state_dir.join("status.json").exists());
+    assert!(!tmp.0.join("ready").exists(), "cleanup removes the CNI readiness file");
     let again = agent(&["cleanup", "--pin-dir", &pin_dir, "--node-file", node_file.to_str().unwrap(), "--state-dir", state_dir.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to remove"), "cleanup is idempotent");
 }
