@@ -2,31 +2,16 @@
 //! endpoints, CNI node file, status file, re-read on change, SIGTERM), `status` and `doctor`.
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use dataplane_tests::scratch::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_dataplane-agent");
 
 fn agent(args: &[&str]) -> Output {
     Command::new(BIN).args(args).env_remove("NODE_NAME").output().unwrap()
-}
-
-/// A scratch directory (`dpt-<pid>-<n>`) removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let p = std::env::temp_dir().join(dataplane_tests::unique_name());
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Kills the agent if the test fails before stopping it.

@@ -1,33 +1,17 @@
 //! The standalone source: reading a directory of YAML, re-reading on change, and keeping the
 //! last good state when a file is broken.
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use dataplane_agent::source::{self, manifests};
 
-/// A scratch directory removed on drop, unique per test process and call.
-struct TempDir(PathBuf);
+use dataplane_tests::scratch::TempDir;
 
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!("dpt-{}-{}-manifests", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn write(&self, name: &str, text: &str) {
-        // Write-then-rename, as editors and ConfigMap volumes do, so the reader never sees half a file.
-        let tmp = self.0.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, self.0.join(name)).unwrap();
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// Writes `name` in `dir` write-then-rename, as editors and ConfigMap volumes do, so the reader
+/// never sees half a file.
+fn write(dir: &TempDir, name: &str, text: &str) {
+    let tmp = dir.0.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.0.join(name)).unwrap();
 }
 
 const SVC_A: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: default}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
@@ -43,9 +27,9 @@ fn names(state: &source::SourceState) -> Vec<String> {
 #[test]
 fn reads_multi_document_files_lists_and_ignores_other_kinds() {
     let dir = TempDir::new();
-    dir.write("1.yaml", &format!("{SVC_A}---\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: x}}\n"));
-    dir.write("2.yml", &format!("apiVersion: v1\nkind: List\nitems:\n- {}", SVC_B.replace('\n', "\n  ")));
-    dir.write("notes.txt", "not a manifest");
+    write(&dir, "1.yaml", &format!("{SVC_A}---\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: x}}\n"));
+    write(&dir, "2.yml", &format!("apiVersion: v1\nkind: List\nitems:\n- {}", SVC_B.replace('\n', "\n  ")));
+    write(&dir, "notes.txt", "not a manifest");
     let objects = manifests::load_dir(&dir.0).unwrap();
     assert_eq!(objects.services.len(), 2);
 }
@@ -53,17 +37,17 @@ fn reads_multi_document_files_lists_and_ignores_other_kinds() {
 #[test]
 fn only_changed_files_are_parsed_again() {
     let dir = TempDir::new();
-    dir.write("a.yaml", SVC_A);
-    dir.write("b.yaml", SVC_B);
+    write(&dir, "a.yaml", SVC_A);
+    write(&dir, "b.yaml", SVC_B);
     let mut cache = manifests::DirCache::default();
     let first = cache.load(&dir.0).unwrap();
-    dir.write("b.yaml", &SVC_B.replace("10.96.0.2", "10.96.0.22"));
+    write(&dir, "b.yaml", &SVC_B.replace("10.96.0.2", "10.96.0.22"));
     let second = cache.load(&dir.0).unwrap();
     assert!(std::sync::Arc::ptr_eq(&first.services[0], &second.services[0]), "unchanged a.yaml was parsed again");
     assert_eq!(second.services[1].spec.as_ref().unwrap().cluster_ip.as_deref(), Some("10.96.0.22"));
-    dir.write("a.yaml", "kind: [");
+    write(&dir, "a.yaml", "kind: [");
     assert!(cache.load(&dir.0).is_err());
-    dir.write("a.yaml", SVC_A);
+    write(&dir, "a.yaml", SVC_A);
     let third = cache.load(&dir.0).unwrap();
     assert!(std::sync::Arc::ptr_eq(&second.services[1], &third.services[1]), "a failed load must keep the cache");
 }
@@ -73,7 +57,7 @@ fn a_large_dump_in_one_file_is_read() {
     // More documents and nodes than serde-saphyr's default budget allows in one file.
     let dir = TempDir::new();
     let docs: Vec<String> = (0..3000).map(|i| SVC_A.replace("name: a,", &format!("name: s{i},"))).collect();
-    dir.write("big.yaml", &docs.join("---\n"));
+    write(&dir, "big.yaml", &docs.join("---\n"));
     assert_eq!(manifests::load_dir(&dir.0).unwrap().services.len(), 3000);
 }
 
@@ -86,7 +70,7 @@ fn bad_input_gets_a_clear_error() {
     ];
     for (text, want) in cases {
         let dir = TempDir::new();
-        dir.write("bad.yaml", text);
+        write(&dir, "bad.yaml", text);
         let err = manifests::load_dir(&dir.0).unwrap_err().to_string();
         assert!(err.contains(want) && err.contains("bad.yaml"), "{text:?}: got {err:?}, want {want:?}");
     }
@@ -102,22 +86,22 @@ async fn next(rx: &mut source::Subscriber) -> source::SourceState {
 #[tokio::test]
 async fn rereads_on_change_and_keeps_last_good_state_on_bad_yaml() {
     let dir = TempDir::new();
-    dir.write("svc.yaml", SVC_A);
+    write(&dir, "svc.yaml", SVC_A);
     let (tx, mut rx) = source::channel();
     let task = tokio::spawn(manifests::run(dir.0.clone(), Duration::from_millis(20), tx));
     let first = next(&mut rx).await;
     assert_eq!(names(&first), ["a"]);
 
-    dir.write("svc.yaml", &format!("{SVC_A}---\n{SVC_B}"));
+    write(&dir, "svc.yaml", &format!("{SVC_A}---\n{SVC_B}"));
     let mut state = next(&mut rx).await;
     assert_eq!(names(&state), ["a", "b"]);
 
-    dir.write("svc.yaml", "kind: Service\nspec: [oops");
+    write(&dir, "svc.yaml", "kind: Service\nspec: [oops");
     state = next(&mut rx).await;
     assert!(state.last_error.as_deref().unwrap().contains("not valid YAML"), "{:?}", state.last_error);
     assert_eq!(names(&state), ["a", "b"], "a broken file must not change the published objects");
 
-    dir.write("svc.yaml", SVC_B);
+    write(&dir, "svc.yaml", SVC_B);
     state = next(&mut rx).await;
     assert_eq!(names(&state), ["b"]);
     assert!(state.last_error.is_none());

@@ -13,6 +13,7 @@ pub mod cmd;
 pub mod netns;
 pub mod packet;
 pub mod prog_run;
+pub mod scratch;
 pub mod sweep;
 
 use std::sync::atomic::{AtomicU32, Ordering};

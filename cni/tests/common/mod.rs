@@ -19,23 +19,7 @@ pub const PLUGIN: &str = env!("CARGO_BIN_EXE_dataplane-cni");
 pub const NODE_V4: &str = "10.200.0.1";
 pub const NODE_V6: &str = "fd00:200::1";
 
-/// A test directory removed on drop.
-#[derive(Debug)]
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new() -> TempDir {
-        let dir = std::env::temp_dir().join(dataplane_tests::unique_name());
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use dataplane_tests::scratch::TempDir;
 
 /// The node: a test namespace with addresses on its loopback and a private plugin state dir.
 pub struct Node {

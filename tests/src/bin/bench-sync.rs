@@ -19,7 +19,6 @@ use std::{
     fmt::Write as _,
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -33,8 +32,10 @@ use dataplane_common::lb::{self, FrontendKey, Ip4};
 use dataplane_tests::{
     bench::{Report, median, percentile},
     bpffs::PinDir,
+    cluster,
     netns::NetNs,
     require_kernel,
+    scratch::TempDir,
 };
 
 const SERVICES: usize = 10_000;
@@ -121,15 +122,6 @@ fn write_manifests(dir: &Path) {
     .unwrap();
 }
 
-/// A scratch directory removed on drop.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The agent process, killed on drop (also when the benchmark panics).
 struct Agent(Child);
 
@@ -152,20 +144,9 @@ fn cargo_build(package: &str, bin: &str) -> PathBuf {
     path
 }
 
-/// A command whose process starts inside `ns` (setns before exec; the mount namespace, and so
-/// bpffs, stay the host's, unlike `ip netns exec`).
-fn in_netns(ns: &NetNs, program: &Path) -> Command {
-    let file = std::fs::File::open(ns.path()).unwrap();
-    let mut cmd = Command::new(program);
-    // SAFETY: setns is async-signal-safe; the closure allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));
-    }
-    cmd
-}
-
 fn start_agent(ns: &NetNs, bin: &Path, manifests: &Path, pins: &Path, state: &Path) -> Agent {
-    let mut cmd = in_netns(ns, bin);
+    // setns before exec, not `ip netns exec` (which would hide bpffs): see cluster::proc::command.
+    let mut cmd = cluster::proc::command(ns.name(), None, bin, &[]).expect("prepare the agent command");
     cmd.args(["run", "--manifests", manifests.to_str().unwrap(), "--manifests-poll-ms", POLL_MS])
         .args(["--pin-dir", pins.to_str().unwrap(), "--state-dir", state.to_str().unwrap()])
         .args(["--no-node-file", "--listen", LISTEN, "--node-name", "node-0", "--log", "warn"])
@@ -306,7 +287,7 @@ fn kube_proxy_ruleset() -> String {
 /// run starts from empty tables as a kube-proxy start would).
 fn timed_iptables_restore(ruleset: &str) -> f64 {
     let ns = NetNs::new();
-    let mut cmd = in_netns(&ns, Path::new("iptables-restore"));
+    let mut cmd = cluster::proc::command(ns.name(), None, Path::new("iptables-restore"), &[]).expect("prepare iptables-restore");
     cmd.arg("-w").stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
     let started = Instant::now();
     let mut child = cmd.spawn().expect("start iptables-restore");
@@ -320,7 +301,7 @@ fn timed_iptables_restore(ruleset: &str) -> f64 {
 fn main() {
     assert!(require_kernel(), "the sync benchmark needs root and a BPF-capable kernel");
     let bin = cargo_build("dataplane-agent", "dataplane-agent");
-    let tmp = TempDir(std::env::temp_dir().join(dataplane_tests::unique_name()));
+    let tmp = TempDir::new();
     let manifests = tmp.0.join("manifests");
     write_manifests(&manifests);
     let ns = NetNs::new();

@@ -43,7 +43,7 @@ pub use manifests::{Endpoint, Service};
 pub use node::Node;
 pub use pod::{Host, Pod};
 
-use crate::netns::NetNs;
+use crate::{netns::NetNs, scratch::TempDir};
 
 /// The port every echo server listens on (TCP and UDP).
 pub const ECHO_PORT: u16 = 8080;
@@ -90,28 +90,6 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
-/// A directory under the system temp dir named `dpt-<pid>-<n>`, removed on drop.
-#[derive(Debug)]
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new() -> Result<TempDir, ClusterError> {
-        let path = std::env::temp_dir().join(crate::unique_name());
-        fs::create_dir_all(&path).map_err(|e| ClusterError::Io { what: format!("mkdir {}", path.display()), source: e })?;
-        Ok(TempDir(path))
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Index of a Pod in its cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PodId(usize);
@@ -150,7 +128,7 @@ impl Cluster {
     pub fn start_with(nodes: usize, mut progress: impl FnMut(&str)) -> Result<Cluster, ClusterError> {
         assert!((1..=9).contains(&nodes), "1 to 9 nodes");
         let bins = proc::Binaries::locate()?;
-        let dir = TempDir::new()?;
+        let dir = TempDir::try_new().map_err(|e| ClusterError::Io { what: "create the cluster's scratch directory".into(), source: e })?;
         let manifests = dir.path().join("manifests");
         fs::create_dir(&manifests).map_err(io("mkdir manifests"))?;
         progress("underlay: a bridge in its own network namespace");
