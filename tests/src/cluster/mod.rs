@@ -157,9 +157,8 @@ impl Cluster {
             progress(&format!("{name}: network namespace, uplink {ip} on the underlay, cgroup, bpffs pins"));
             let netns = NetNs::new();
             Self::plug(&cluster.underlay, &netns, &format!("n{n}"), ip)?;
-            // Every Kubernetes node forwards (kubelet's prerequisite); the CNI plugin would turn it
-            // on only with the node's first Pod, and XDP's FIB lookup needs it before that.
-            netns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            // No sysctls here: the agent itself turns on ip_forward (and accept_local on the
+            // uplink) when it attaches, as it must on a real node.
             let node_dir = cluster.dir.path().join(&name);
             fs::create_dir(&node_dir).map_err(io("mkdir node dir"))?;
             cluster.nodes.push(Node {
