@@ -28,8 +28,13 @@ async fn readyz(State(s): State<Arc<AgentState>>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(s): State<Arc<AgentState>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
+async fn metrics(State(s): State<Arc<AgentState>>) -> axum::response::Response {
+    // Encoding reads the data path's counter maps (syscalls, one per Service frontend): not on
+    // an async worker, which the sync loop shares.
+    match tokio::task::spawn_blocking(move || s.metrics.encode()).await {
+        Ok(text) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the metrics failed: {e}\n")).into_response(),
+    }
 }
 
 async fn status(State(s): State<Arc<AgentState>>) -> impl IntoResponse {

@@ -16,7 +16,7 @@ use aya::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc,
     },
 };
-use dataplane_common::{affinity, ct, lb};
+use dataplane_common::{affinity, ct, lb, metrics};
 
 /// The eBPF object built by `build.rs` (package `dataplane-ebpf`, bin `dataplane`).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane"));
@@ -140,9 +140,10 @@ pub enum AttachError {
     },
 }
 
-/// Maps that outlive the agent: service tables, conntrack, affinity, socket rev-NAT. Counters
-/// are not pinned; they restart with the agent.
-pub const PINNED_MAPS: [&str; 8] = [
+/// Maps that outlive the agent: service tables, conntrack, affinity, socket rev-NAT, and the
+/// counters (drops, hooks, per-Service), so that counts survive a restart and `status` can read
+/// them while the agent is down.
+pub const PINNED_MAPS: [&str; 12] = [
     lb::FRONTENDS4_MAP,
     lb::SLOTS4_MAP,
     lb::BACKENDS4_MAP,
@@ -151,6 +152,10 @@ pub const PINNED_MAPS: [&str; 8] = [
     lb::SOCK_FWD4_MAP,
     ct::CT4_MAP,
     affinity::AFFINITY4_MAP,
+    metrics::DROPS_MAP,
+    metrics::HOOKS_MAP,
+    lb::SERVICE_STATS_MAP,
+    metrics::SOCK_LB_STATS_MAP,
 ];
 
 /// Loads the object with the default configuration; see [`load_with`].

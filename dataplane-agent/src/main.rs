@@ -56,6 +56,12 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             }
         }
         let maps = if args.no_maps { None } else { Some(open_maps(&args)?) };
+        if maps.is_some()
+            && let Err(e) = state.metrics.attach_datapath(&args.pin_dir)
+        {
+            // Forwarding does not depend on its counters: serve without them rather than not at all.
+            tracing::warn!(error = %dataplane_agent::errors::error_chain(&e), "data path counters not readable; /metrics has the agent's series only");
+        }
         let actions = Actions {
             model: ModelConfig {
                 node_name: args.node_name.clone(),
@@ -146,6 +152,7 @@ fn services(args: ServicesArgs, output: Output) -> anyhow::Result<ExitCode> {
 }
 
 fn status(args: StatusArgs, output: Output) -> anyhow::Result<ExitCode> {
+    use dataplane_agent::maps::stats::{StatsMaps, fill_levels};
     let path = args.state_dir.join(agent::STATUS_FILE);
     let status: Option<AgentStatus> = match std::fs::read(&path) {
         Ok(bytes) => Some(serde_json::from_slice(&bytes).with_context(|| format!("{} is not a status file", path.display()))?),
@@ -157,8 +164,25 @@ fn status(args: StatusArgs, output: Output) -> anyhow::Result<ExitCode> {
         .unwrap_or_default();
     pins.sort();
     let attached = dataplane_agent::attach::pinned_attachments(&args.pin_dir);
+    // Everything below comes from the pins, so it is there while the agent is down.
+    let maps = fill_levels(&args.pin_dir, &dataplane_agent::loader::PINNED_MAPS);
+    let counters = StatsMaps::open(Source::Pinned(&args.pin_dir)).and_then(|m| Ok((m.drops()?, m.hooks()?)));
+    let (drops, hooks, counters_error) = match &counters {
+        Ok((d, h)) => (
+            d.iter().map(|(r, c)| serde_json::json!({"reason": r.name(), "packets": c.packets, "bytes": c.bytes})).collect(),
+            h.iter().map(|(h, c)| serde_json::json!({"hook": h.name(), "packets": c.packets, "bytes": c.bytes})).collect(),
+            None,
+        ),
+        Err(e) => (Vec::new(), Vec::new(), Some(dataplane_agent::errors::error_chain(e))),
+    };
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&serde_json::json!({"status": status, "pins": pins, "attached": attached}))?),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "status": status, "pins": pins, "attached": attached, "maps": maps,
+                "drops": drops, "hooks": hooks, "counters_error": counters_error,
+            }))?
+        ),
         Output::Text => {
             match &status {
                 None => println!("no status at {} (the agent has not synced on this node yet)", path.display()),
@@ -179,6 +203,37 @@ fn status(args: StatusArgs, output: Output) -> anyhow::Result<ExitCode> {
                 match &a.error {
                     None => println!("  {:<40} {} link {} program {} ({})", a.pin, a.link_type.as_deref().unwrap_or("?"), a.link_id.unwrap_or(0), a.program.as_deref().unwrap_or("?"), a.program_id.unwrap_or(0)),
                     Some(e) => println!("  {:<40} unreadable: {e}", a.pin),
+                }
+            }
+            println!("map fill levels:");
+            println!("  {:<18} {:<14} {:>10} {:>10} {:>8}", "MAP", "TYPE", "ENTRIES", "MAX", "FILL");
+            for m in &maps {
+                let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+                match &m.error {
+                    Some(e) => println!("  {:<18} {e}", m.name),
+                    None => println!(
+                        "  {:<18} {:<14} {:>10} {:>10} {:>8}",
+                        m.name,
+                        m.map_type.as_deref().unwrap_or("?"),
+                        // Per-CPU counter arrays have no fill level: every slot always exists.
+                        m.entries.map_or("(counters)".to_string(), |v| v.to_string()),
+                        opt(m.max_entries.map(u64::from)),
+                        m.percent.map_or("-".to_string(), |p| format!("{p:.2}%")),
+                    ),
+                }
+            }
+            match &counters_error {
+                Some(e) => println!("drops: counters not readable: {e}"),
+                None => {
+                    let nonzero: Vec<&serde_json::Value> = drops.iter().filter(|d| d["packets"].as_u64() != Some(0)).collect();
+                    println!("drops by reason (since the counters were pinned): {}", if nonzero.is_empty() { "none" } else { "" });
+                    for d in nonzero {
+                        println!("  {:<20} {:>12} packets {:>14} bytes", d["reason"].as_str().unwrap_or("?"), d["packets"].as_u64().unwrap_or(0), d["bytes"].as_u64().unwrap_or(0));
+                    }
+                    println!("packets per hook:");
+                    for h in &hooks {
+                        println!("  {:<20} {:>12} packets {:>14} bytes", h["hook"].as_str().unwrap_or("?"), h["packets"].as_u64().unwrap_or(0), h["bytes"].as_u64().unwrap_or(0));
+                    }
                 }
             }
         }

@@ -134,3 +134,31 @@ const _: () = assert!(Hook::ALL.len() as u32 <= HOOK_SLOTS);
 pub const DROPS_MAP: &str = "dp_drops_v1";
 /// Per-CPU array of [`Counter`], indexed by [`Hook`]: every packet each hook saw.
 pub const HOOKS_MAP: &str = "dp_hooks_v1";
+
+/// What the socket-LB hooks (cgroup `connect4`/`sendmsg4`) did for one Service: the value of
+/// [`SOCK_LB_STATS_MAP`], indexed by rev-NAT id like the per-Service packet counters. The socket
+/// hooks see operations, not packets, so there are no byte counts: traffic balanced at connect()
+/// never crosses a per-packet program (it needs no NAT).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockLbCounter {
+    /// connect() calls translated to a backend (TCP connections, connected UDP sockets).
+    pub connect: u64,
+    /// sendmsg() calls (unconnected UDP datagrams) translated to a backend.
+    pub sendmsg: u64,
+    /// connect()/sendmsg() refused with ECONNREFUSED because the Service had no usable backend.
+    pub refused: u64,
+}
+const _: () = assert!(core::mem::size_of::<SockLbCounter>() == 24);
+crate::impl_pod!(SockLbCounter);
+
+/// Which [`SockLbCounter`] field a socket operation bumps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SockLbOp {
+    Connect,
+    Sendmsg,
+    Refused,
+}
+
+/// Per-CPU array of [`SockLbCounter`] indexed by rev-NAT id (`lb::SERVICE_STATS_MAX` slots).
+pub const SOCK_LB_STATS_MAP: &str = "lb_sock_stats_v1";

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use dataplane_common::{
     affinity::AffinityKey,
     lb::{Backend, SockFwd, SockRev, SockRevKey, cookie_words},
-    metrics::{DropReason, Hook},
+    metrics::{DropReason, Hook, SockLbOp},
 };
 
 use crate::{
@@ -86,7 +86,11 @@ fn try_xlate_fwd(ctx: &SockAddrContext, sendmsg: bool) -> Result<(), DropReason>
             // SAFETY: as above.
             let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
             let client = AffinityKey { netns_cookie: cookie_words(netns), client: 0, rev_nat_id: svc.rev_nat_id };
-            let (id, be) = lb::select_backend::<V4>(&svc, client)?;
+            let (id, be) = lb::select_backend::<V4>(&svc, client).inspect_err(|_| {
+                // Per Service, so an operator sees which one refuses (the drop counter has only
+                // the reason).
+                stats::count_sock_lb(svc.rev_nat_id, SockLbOp::Refused);
+            })?;
             if sendmsg {
                 let key = SockRevKey { cookie: cookie_words(cookie), addr, port_be, _pad: [0; 2] };
                 let fwd = SockFwd { addr: be.addr, port_be: be.port_be, _pad: [0; 2], backend_id: id };
@@ -105,6 +109,7 @@ fn try_xlate_fwd(ctx: &SockAddrContext, sendmsg: bool) -> Result<(), DropReason>
         (*sa).user_ip4 = be.addr;
         (*sa).user_port = be.port_be as u32;
     }
+    stats::count_sock_lb(svc.rev_nat_id, if sendmsg { SockLbOp::Sendmsg } else { SockLbOp::Connect });
     Ok(())
 }
 

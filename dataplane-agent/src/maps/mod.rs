@@ -6,6 +6,7 @@
 pub mod affinity;
 pub mod ct;
 pub mod lb;
+pub mod stats;
 
 use std::{
     net::Ipv4Addr,
