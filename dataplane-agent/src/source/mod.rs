@@ -7,6 +7,7 @@ use tokio::sync::watch;
 
 use crate::model::ClusterObjects;
 
+pub mod documents;
 pub mod kube;
 pub mod manifests;
 
