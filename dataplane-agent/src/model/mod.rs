@@ -14,11 +14,13 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Serialize;
 
 mod endpoints;
+mod incremental;
 mod node;
 mod service;
 #[cfg(test)]
 mod tests;
 
+pub use incremental::{Changed, ModelCache};
 pub use node::NodeState;
 pub use service::ServiceError;
 

@@ -1,5 +1,7 @@
 //! Table-driven tests of the model: each case is a set of objects (as the API server would send
 //! them, written as JSON) and the expected desired state in a compact one-line-per-port form.
+use std::collections::BTreeSet;
+
 use serde_json::{Value, json};
 
 use super::*;
@@ -506,4 +508,115 @@ fn backends_for_picks_by_frontend_policy() {
     }
     assert_eq!(state.frontend_count(), 3);
     assert_eq!(state.backend_count(), 2);
+}
+
+/// A `ModelCache` fed the table's cases one after another (each reached from two different
+/// states: forwards, then backwards) holds exactly what a full `build` gives for each.
+#[test]
+fn incremental_updates_match_a_full_build() {
+    let config = ModelConfig { node_name: Some(NODE.into()), ..Default::default() };
+    let mut cache = ModelCache::new(config.clone());
+    let cases = cases();
+    for case in cases.iter().chain(cases.iter().rev()) {
+        let objs = objects(case.objects.clone());
+        cache.update(&objs);
+        assert_eq!(cache.state(), &build(&objs, &config), "case {:?}", case.name);
+    }
+}
+
+fn named(name: &str) -> ServiceName {
+    ServiceName { namespace: "default".into(), name: name.into() }
+}
+
+/// Three Services with a slice each, as `Arc`s that later snapshots re-use the way the sources do.
+fn three_services() -> ClusterObjects {
+    let mut values = vec![this_node(), node("node-b", &["192.168.1.11"], &[], &["10.244.1.0/24"], Some("zone-b"))];
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        values.push(svc(name, json!({"type": "NodePort", "clusterIP": format!("10.96.0.{}", i + 1),
+            "ports": [{"name": "http", "port": 80, "nodePort": 30080 + i}]})));
+        values.push(slice(&format!("{name}-1"), name, "IPv4", json!([tcp("http", 8080)]),
+            vec![ep(&format!("10.244.1.{}", i + 1), "node-b", ""), ep(&format!("10.244.0.{}", i + 1), NODE, "")]));
+    }
+    objects(values)
+}
+
+#[test]
+fn an_update_to_one_service_rebuilds_only_it() {
+    let config = ModelConfig { node_name: Some(NODE.into()), ..Default::default() };
+    let mut cache = ModelCache::new(config.clone());
+    let mut objs = three_services();
+    assert_eq!(cache.update(&objs).services.len(), 3);
+    assert_eq!(cache.update(&objs), Changed::default(), "the same snapshot again changes nothing");
+
+    // b's slice: one endpoint not ready.
+    let slice_b = slice("b-1", "b", "IPv4", json!([tcp("http", 8080)]), vec![ep("10.244.1.2", "node-b", "r"), ep("10.244.0.2", NODE, "")]);
+    objs.endpoint_slices[1] = Arc::new(serde_json::from_value(slice_b).unwrap());
+    let changed = cache.update(&objs);
+    assert_eq!(changed.services, BTreeSet::from([named("b")]));
+    assert!(!changed.nodes);
+    assert_eq!(cache.state(), &build(&objs, &config));
+
+    // Equal content in a new `Arc` (a relist): nothing to rebuild.
+    let copy = (*objs.services[0]).clone();
+    objs.services[0] = Arc::new(copy);
+    assert_eq!(cache.update(&objs), Changed::default());
+
+    // The slice moves to Service c (label changed): both are rebuilt; then b's Service goes.
+    let moved = slice("b-1", "c", "IPv4", json!([tcp("http", 8080)]), vec![ep("10.244.9.9", "node-b", "")]);
+    objs.endpoint_slices[1] = Arc::new(serde_json::from_value(moved).unwrap());
+    assert_eq!(cache.update(&objs).services, BTreeSet::from([named("b"), named("c")]));
+    assert_eq!(cache.state(), &build(&objs, &config));
+    objs.services.remove(1);
+    assert_eq!(cache.update(&objs).services, BTreeSet::from([named("b")]));
+    assert!(!cache.state().services.contains_key(&named("b")));
+    assert_eq!(cache.state(), &build(&objs, &config));
+}
+
+#[test]
+fn a_service_that_changes_type_is_rebuilt_alone() {
+    let config = ModelConfig { node_name: Some(NODE.into()), ..Default::default() };
+    let mut cache = ModelCache::new(config.clone());
+    let mut objs = three_services();
+    cache.update(&objs);
+    for (type_, frontends) in [("ClusterIP", 1), ("LoadBalancer", 3), ("NodePort", 3)] {
+        let mut s = (*objs.services[0]).clone();
+        s.spec.as_mut().unwrap().type_ = Some(type_.into());
+        objs.services[0] = Arc::new(s);
+        assert_eq!(cache.update(&objs).services, BTreeSet::from([named("a")]), "{type_}");
+        assert_eq!(cache.state(), &build(&objs, &config), "{type_}");
+        assert_eq!(cache.state().services[&named("a")].ports[0].frontends.len(), frontends, "{type_}");
+    }
+    let mut s = (*objs.services[0]).clone();
+    let spec = s.spec.as_mut().unwrap();
+    (spec.type_, spec.external_name) = (Some("ExternalName".into()), Some("a.example.com".into()));
+    objs.services[0] = Arc::new(s);
+    cache.update(&objs);
+    assert!(cache.state().services[&named("a")].ports.is_empty());
+    assert_eq!(cache.state(), &build(&objs, &config));
+}
+
+#[test]
+fn node_changes_rebuild_services_only_when_this_node_changed() {
+    let config = ModelConfig { node_name: Some(NODE.into()), ..Default::default() };
+    let mut cache = ModelCache::new(config.clone());
+    let mut objs = three_services();
+    cache.update(&objs);
+    // Another node's podCIDR: routes change, no Service does.
+    objs.nodes[1] = Arc::new(serde_json::from_value(node("node-b", &["192.168.1.11"], &[], &["10.244.7.0/24"], Some("zone-b"))).unwrap());
+    let changed = cache.update(&objs);
+    assert!(changed.nodes && changed.services.is_empty(), "{changed:?}");
+    assert_eq!(cache.state(), &build(&objs, &config));
+    // This node's addresses carry every NodePort: all Services are rebuilt.
+    objs.nodes[0] = Arc::new(serde_json::from_value(node(NODE, &["192.168.1.20"], &[], &["10.244.0.0/24"], Some("zone-a"))).unwrap());
+    let changed = cache.update(&objs);
+    assert_eq!(changed.services.len(), 3);
+    assert_eq!(cache.state(), &build(&objs, &config));
+    // A duplicate Service (two manifests define it): the last wins, as in `build`.
+    let mut dup = (*objs.services[2]).clone();
+    dup.metadata.name = Some("a".into());
+    objs.services.push(Arc::new(dup));
+    cache.update(&objs);
+    assert_eq!(cache.state(), &build(&objs, &config));
+    cache.update(&objs);
+    assert_eq!(cache.state(), &build(&objs, &config));
 }
