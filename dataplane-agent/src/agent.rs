@@ -7,8 +7,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::Metrics;
-use crate::model::{self, DesiredState, ModelConfig};
-use crate::reconcile::{self, Reconciler};
+use crate::model::{self, DesiredState, ModelCache, ModelConfig};
+use crate::reconcile::{self, Planner, Reconciler};
 use crate::routes::{self, RouteSync};
 use crate::source::{SourceState, Subscriber};
 
@@ -41,7 +41,6 @@ pub struct AgentState {
     pub metrics: Metrics,
     ready: AtomicBool,
     status: Mutex<AgentStatus>,
-    desired: Mutex<Option<Arc<DesiredState>>>,
 }
 
 impl AgentState {
@@ -50,7 +49,6 @@ impl AgentState {
             metrics: Metrics::default(),
             ready: AtomicBool::new(false),
             status: Mutex::new(AgentStatus { source, ..Default::default() }),
-            desired: Mutex::new(None),
         }
     }
 
@@ -60,11 +58,6 @@ impl AgentState {
 
     pub fn status(&self) -> AgentStatus {
         self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// The last applied desired state.
-    pub fn desired(&self) -> Option<Arc<DesiredState>> {
-        self.desired.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn update(&self, f: impl FnOnce(&mut AgentStatus)) -> AgentStatus {
@@ -102,10 +95,20 @@ pub enum ApplyError {
 
 /// Applies every new snapshot until the source goes away. A failed apply is reported (status,
 /// metrics, log) and retried (after `RETRY`, or with the next snapshot); it never stops the loop.
+///
+/// Incremental: the model rebuilds the Services whose objects changed, the planner re-plans
+/// them, and the reconciler diffs their frontend entries alone against its mirror of the maps.
+/// Everything is diffed (against a mirror read again from the maps) on the first snapshot,
+/// after a relist, and after a failed apply.
 pub async fn sync_loop(mut rx: Subscriber, actions: Actions, mut maps: Option<Reconciler>, state: Arc<AgentState>) {
     let mut routes = None;
     let mut last_applied: Option<Arc<model::ClusterObjects>> = None;
     let mut last_source_error: Option<String> = None;
+    let mut model = ModelCache::new(actions.model.clone());
+    let mut planner = Planner::default();
+    let mut applied_relists: Option<u64> = None;
+    // Set when the maps may differ from the mirror in more than the next change: diff everything.
+    let mut diff_all = true;
     loop {
         let snapshot: SourceState = rx.borrow_and_update().clone();
         // Counted once per distinct error, not once per loop turn (retries turn the loop too).
@@ -118,16 +121,31 @@ pub async fn sync_loop(mut rx: Subscriber, actions: Actions, mut maps: Option<Re
         }
         if let Some(objects) = snapshot.objects.filter(|o| last_applied.as_ref().is_none_or(|l| !Arc::ptr_eq(l, o))) {
             let started = Instant::now();
-            let desired = Arc::new(model::build(&objects, &actions.model));
-            let plan = reconcile::plan(&desired);
+            // The reconciler adopted the maps when it was created: the first snapshot needs no re-read.
+            let relisted = applied_relists.is_some_and(|n| n != snapshot.relists);
+            let changed = model.update(&objects);
+            let touched = planner.update(model.state(), &changed.services);
+            let desired = model.state();
+            let plan = planner.plan();
             // Maps first: Services are what traffic depends on; a route failure must not hold them back.
-            let applied = match maps.as_mut().map(|r| r.apply(&plan)).transpose() {
-                Ok(_) => apply(&desired, &actions, &mut routes).await,
+            let programmed = match maps.as_mut() {
+                None => Ok(()),
+                Some(r) if relisted => r.readopt().and_then(|()| r.apply(plan)).map(drop),
+                Some(r) if diff_all => r.apply(plan).map(drop),
+                Some(r) => r.apply_touched(plan, &touched).map(drop),
+            };
+            let applied = match programmed {
+                Ok(()) => apply(desired, &actions, &mut routes).await,
                 Err(e) => Err(ApplyError::from(e)),
             };
+            // A failed write leaves the maps between old and new: the retry diffs everything.
+            diff_all = applied.is_err();
+            if applied.is_ok() {
+                applied_relists = Some(snapshot.relists);
+            }
             let took = started.elapsed();
-            state.metrics.observe(&desired, took.as_secs_f64());
-            *state.desired.lock().unwrap_or_else(|p| p.into_inner()) = Some(desired.clone());
+            tracing::debug!(services = changed.services.len(), frontends = touched.len(), relisted, ms = took.as_secs_f64() * 1000.0, "synced");
+            state.metrics.observe(desired, took.as_secs_f64());
             let status = state.update(|s| {
                 s.ready = true;
                 s.syncs += 1;

@@ -1,6 +1,6 @@
 //! Pure: the desired state -> the frontend entries the service maps should hold, in map terms
 //! (scopes, flags, backend sets) but without ids. `Reconciler` assigns ids and writes.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 
 use dataplane_common::lb::{SVC_FLAG_EXT_LOCAL, SVC_FLAG_INT_LOCAL, SVC_FLAG_TWO_SCOPES, ServiceKind};
@@ -66,13 +66,23 @@ fn split(backends: &[Backend]) -> (Vec<PlannedBackend>, Vec<PlannedBackend>) {
     (active, terminating)
 }
 
+/// The whole plan. Where two Services claim one frontend, the last in name order has it.
 pub fn plan(desired: &DesiredState) -> Plan {
     let mut out = Plan::default();
     for (name, svc) in &desired.services {
+        out.skipped.ipv6_frontends += plan_service(name, svc, &mut out.entries);
+    }
+    out
+}
+
+/// One Service's frontend entries into `out`; returns how many IPv6 frontends were skipped.
+fn plan_service(name: &ServiceName, svc: &model::ServiceState, out: &mut BTreeMap<Frontend, PlannedEntry>) -> usize {
+    let mut ipv6_frontends = 0;
+    {
         for port in &svc.ports {
             for fe in &port.frontends {
                 let Some(addr) = v4(fe.addr) else {
-                    out.skipped.ipv6_frontends += 1;
+                    ipv6_frontends += 1;
                     continue;
                 };
                 let proto = match fe.protocol {
@@ -111,13 +121,87 @@ pub fn plan(desired: &DesiredState) -> Plan {
                 let key = |scope| Frontend { addr: SocketAddrV4::new(addr, fe.port), proto, scope };
                 if fe.scope.is_external() && external != internal.as_slice() {
                     flags |= SVC_FLAG_TWO_SCOPES;
-                    out.entries.insert(key(Scope::Internal), entry(flags, internal));
+                    out.insert(key(Scope::Internal), entry(flags, internal));
                 }
-                out.entries.insert(key(Scope::External), entry(flags, external));
+                out.insert(key(Scope::External), entry(flags, external));
             }
         }
     }
-    out
+    ipv6_frontends
+}
+
+/// The plan kept up to date Service by Service: `update` re-plans the Services the model rebuilt
+/// and says which frontend entries may have changed, so `Reconciler::apply_touched` looks at
+/// those alone. `plan` stays the reference (a `Planner` holds what it gives; tests).
+#[derive(Debug, Default)]
+pub struct Planner {
+    plan: Plan,
+    /// The frontends each Service claims, and its skipped IPv6 frontends.
+    claims: HashMap<ServiceName, (Vec<Frontend>, usize)>,
+    /// The Services claiming each frontend, in name order; the last one's entry is planned.
+    owners: HashMap<Frontend, Vec<ServiceName>>,
+}
+
+impl Planner {
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Plans every Service of `desired` from scratch.
+    pub fn reset(&mut self, desired: &DesiredState) {
+        *self = Planner::default();
+        self.update(desired, desired.services.keys());
+    }
+
+    /// Re-plans `services` (changed, added or removed in `desired`); returns the frontends whose
+    /// entry may have changed (added, changed or gone).
+    pub fn update<'a>(&mut self, desired: &DesiredState, services: impl IntoIterator<Item = &'a ServiceName>) -> BTreeSet<Frontend> {
+        let mut touched = BTreeSet::new();
+        let mut fresh: HashMap<&ServiceName, BTreeMap<Frontend, PlannedEntry>> = HashMap::new();
+        for name in services {
+            if let Some((frontends, ipv6)) = self.claims.remove(name) {
+                self.plan.skipped.ipv6_frontends -= ipv6;
+                for fe in frontends {
+                    if let Some(owners) = self.owners.get_mut(&fe) {
+                        owners.retain(|o| o != name);
+                    }
+                    touched.insert(fe);
+                }
+            }
+            let Some(svc) = desired.services.get(name) else { continue };
+            let mut entries = BTreeMap::new();
+            let ipv6 = plan_service(name, svc, &mut entries);
+            self.plan.skipped.ipv6_frontends += ipv6;
+            for fe in entries.keys() {
+                let owners = self.owners.entry(*fe).or_default();
+                if let Err(at) = owners.binary_search(name) {
+                    owners.insert(at, name.clone());
+                }
+                touched.insert(*fe);
+            }
+            self.claims.insert(name.clone(), (entries.keys().copied().collect(), ipv6));
+            fresh.insert(name, entries);
+        }
+        for fe in &touched {
+            let Some(winner) = self.owners.get(fe).and_then(|o| o.last()) else {
+                self.owners.remove(fe);
+                self.plan.entries.remove(fe);
+                continue;
+            };
+            let entry = match fresh.get_mut(winner) {
+                Some(entries) => entries.remove(fe),
+                // The frontend fell back to a Service that did not change: plan it again.
+                None => desired.services.get(winner).and_then(|svc| {
+                    let mut entries = BTreeMap::new();
+                    plan_service(winner, svc, &mut entries);
+                    entries.remove(fe)
+                }),
+            };
+            let entry = entry.expect("an owner plans the frontends it claims");
+            self.plan.entries.insert(*fe, entry);
+        }
+        touched
+    }
 }
 
 #[cfg(test)]
@@ -196,6 +280,45 @@ mod tests {
                 format!("10.96.0.10:80 Tcp External ClusterIp flags={SVC_FLAG_INT_LOCAL} aff=10800 [10.244.0.5:8080L]"),
             ]
         );
+    }
+
+    /// Two Services claiming one frontend: the last in name order has it, and when it goes the
+    /// other one gets it back; a `Planner` fed the changes holds what `plan` gives.
+    #[test]
+    fn planner_follows_plan_through_changes_and_claims() {
+        let base = desired("Cluster", "Cluster", &["10.96.0.10"]);
+        let web = base.services.keys().next().unwrap().clone();
+        let other = ServiceName { namespace: "default".into(), name: "zz-other".into() };
+        let mut state = base.clone();
+        let mut planner = Planner::default();
+        planner.reset(&state);
+        assert_eq!(planner.plan(), &plan(&state));
+
+        // zz-other claims web's ClusterIP (same address and port): it wins the entry.
+        let mut clash = state.services[&web].clone();
+        clash.ports[0].frontends.retain(|f| f.scope == model::FrontendScope::ClusterIP);
+        clash.ports[0].cluster_backends.truncate(1);
+        state.services.insert(other.clone(), clash);
+        let touched = planner.update(&state, [&other]);
+        assert_eq!(touched.len(), 1);
+        assert_eq!(planner.plan(), &plan(&state));
+        assert_eq!(planner.plan().entries.values().filter(|e| e.service == other).count(), 1);
+
+        // web changes (its NodePort entry goes to a single backend); zz-other keeps the ClusterIP.
+        state.services.get_mut(&web).unwrap().ports[0].cluster_backends.truncate(1);
+        planner.update(&state, [&web]);
+        assert_eq!(planner.plan(), &plan(&state));
+
+        // zz-other goes: web gets its ClusterIP entry back without being re-planned itself.
+        state.services.remove(&other);
+        let touched = planner.update(&state, [&other]);
+        assert_eq!(touched.len(), 1);
+        assert_eq!(planner.plan(), &plan(&state));
+        assert!(planner.plan().entries.values().all(|e| e.service == web));
+
+        state.services.clear();
+        planner.update(&state, [&web]);
+        assert_eq!(planner.plan(), &Plan::default());
     }
 
     #[test]

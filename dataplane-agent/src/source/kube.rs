@@ -68,6 +68,7 @@ pub async fn run(client: Client, tx: Publisher, debounce: Duration) {
     let mut events = pin!(futures::stream::select(futures::stream::select(s1, s2), s3));
 
     let mut synced = [false; 3];
+    let mut relists = 0;
     let mut deadline: Option<Instant> = None;
     loop {
         let next = match deadline {
@@ -77,7 +78,7 @@ pub async fn run(client: Client, tx: Publisher, debounce: Duration) {
                     deadline = None;
                     if synced.iter().all(|s| *s) {
                         let objects = ClusterObjects { services: services.state(), endpoint_slices: slices.state(), nodes: nodes.state() };
-                        tx.send_replace(SourceState { objects: Some(Arc::new(objects)), last_error: None });
+                        tx.send_replace(SourceState { objects: Some(Arc::new(objects)), last_error: None, relists });
                     }
                     continue;
                 }
@@ -90,6 +91,8 @@ pub async fn run(client: Client, tx: Publisher, debounce: Duration) {
         let Some((kind, s)) = next else { return };
         match s {
             Step::Changed { init_done } => {
+                // Every list (the initial one, and each after a lost watch) is a relist.
+                relists += u64::from(init_done);
                 if init_done && !synced[kind as usize] {
                     synced[kind as usize] = true;
                     tracing::info!(?kind, "initial list complete");

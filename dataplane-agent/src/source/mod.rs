@@ -18,6 +18,10 @@ pub struct SourceState {
     pub objects: Option<Arc<ClusterObjects>>,
     /// Set when the newest attempt failed; `objects` still holds the last good set.
     pub last_error: Option<String>,
+    /// How many complete lists the objects come from (the kube source counts its initial list
+    /// and every relist after a watch was lost). A new count tells the sync loop that objects may
+    /// have changed unseen: it reads the maps again and diffs everything.
+    pub relists: u64,
 }
 
 pub type Publisher = watch::Sender<SourceState>;
