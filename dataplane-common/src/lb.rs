@@ -107,7 +107,9 @@ pub const BACKEND_TERMINATING: u8 = 1;
 /// The backend is on this node (its traffic needs no SNAT and is allowed under eTP Local).
 pub const BACKEND_FLAG_LOCAL: u8 = 1 << 0;
 
-/// A backend, by id.
+/// A backend, by id: entry `id` of an array map (as katran's reals), so the per-packet lookup is
+/// an index the verifier inlines rather than a hash. An all-zero entry is a free id: a backend
+/// always has an address and a port (the agent refuses 0 for either), see [`Backend::is_present`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend<A> {
@@ -119,7 +121,16 @@ pub struct Backend<A> {
     pub state: u8,
 }
 const _: () = assert!(core::mem::size_of::<Backend<Ip4>>() == 8);
+
 const _: () = assert!(core::mem::size_of::<Backend<Ip6>>() == 20);
+
+impl<A: PartialEq + Default> Backend<A> {
+    /// Whether this array entry holds a backend (a free id reads as all zeroes).
+    #[inline(always)]
+    pub fn is_present(&self) -> bool {
+        self.port_be != 0 && self.addr != A::default()
+    }
+}
 
 /// What a reply is rewritten back to: the frontend. A NodePort frontend has address 0 here; its
 /// replies take the node address the request arrived on from the conntrack entry.
@@ -181,7 +192,10 @@ pub const fn cookie_words(cookie: u64) -> [u32; 2] {
 /// the agent and only read per packet.
 pub const FRONTENDS_MAX: u32 = 262_144;
 pub const SLOTS_MAX: u32 = 1_048_576;
+/// Backend ids are `1..=BACKENDS_MAX`; the backends array has one more entry, 0, never used.
 pub const BACKENDS_MAX: u32 = 262_144;
+/// `max_entries` of the backends array (id 0 is reserved, so ids index it directly).
+pub const BACKENDS_ARRAY_LEN: u32 = BACKENDS_MAX + 1;
 pub const REV_NAT_MAX: u32 = 262_144;
 /// Per-service counters are an array indexed by rev-NAT id, so ids must stay below this.
 pub const SERVICE_STATS_MAX: u32 = 262_144;
@@ -189,7 +203,9 @@ pub const SOCK_REV_MAX: u32 = 65_536;
 
 pub const FRONTENDS4_MAP: &str = "lb4_fe_v1";
 pub const SLOTS4_MAP: &str = "lb4_slots_v1";
-pub const BACKENDS4_MAP: &str = "lb4_be_v1";
+/// `_v2`: an array indexed by backend id (v1 was a hash map; a pin of one kind cannot be reused
+/// as the other).
+pub const BACKENDS4_MAP: &str = "lb4_be_v2";
 pub const REV_NAT4_MAP: &str = "lb4_revnat_v1";
 pub const SOCK_REV4_MAP: &str = "lb4_sknat_v1";
 /// [`SockRevKey`] (socket cookie, frontend) -> [`SockFwd`]: the backend that socket's datagrams

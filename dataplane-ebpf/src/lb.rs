@@ -31,10 +31,10 @@ pub fn has_backends(svc: &Service) -> bool {
     svc.active as u32 + svc.terminating as u32 != 0
 }
 
+/// The backend with this id, if the id is in use (a free array entry is all zeroes).
 #[inline(always)]
-fn backend<F: Family>(id: u32) -> Option<Backend<F::Addr>> {
-    // SAFETY: copied out at once.
-    unsafe { F::backends().get(&id).copied() }
+pub fn backend<F: Family>(id: u32) -> Option<Backend<F::Addr>> {
+    F::backends().get(id).copied().filter(Backend::is_present)
 }
 
 /// Picks a backend for a new connection: the client's affinity entry while it is fresh and its

@@ -6,13 +6,13 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use dataplane_common::{
     affinity::{AFFINITY_MAX, AffinityKey, AffinityValue},
     ct::{CT_MAX, CtEntry, CtKey},
     lb::{
-        BACKENDS_MAX, Backend, FRONTENDS_MAX, FrontendKey, Ip4, REV_NAT_MAX, RevNat, SERVICE_STATS_MAX, SLOTS_MAX,
+        BACKENDS_ARRAY_LEN, Backend, FRONTENDS_MAX, FrontendKey, Ip4, REV_NAT_MAX, RevNat, SERVICE_STATS_MAX, SLOTS_MAX,
         SOCK_REV_MAX, Service, SlotKey, SockFwd, SockRev, SockRevKey,
     },
     metrics::Counter,
@@ -22,8 +22,10 @@ use dataplane_common::{
 static FRONTENDS4: HashMap<FrontendKey<Ip4>, Service> = HashMap::with_max_entries(FRONTENDS_MAX, BPF_F_NO_PREALLOC);
 #[map(name = "lb4_slots_v1")]
 static SLOTS4: HashMap<SlotKey, u32> = HashMap::with_max_entries(SLOTS_MAX, BPF_F_NO_PREALLOC);
-#[map(name = "lb4_be_v1")]
-static BACKENDS4: HashMap<u32, Backend<Ip4>> = HashMap::with_max_entries(BACKENDS_MAX, BPF_F_NO_PREALLOC);
+/// Indexed by backend id: an array lookup is inlined by the verifier (no hash, no helper call),
+/// which is most of what the conntrack hit path's backend-still-there check used to cost.
+#[map(name = "lb4_be_v2")]
+static BACKENDS4: Array<Backend<Ip4>> = Array::with_max_entries(BACKENDS_ARRAY_LEN, 0);
 #[map(name = "lb4_revnat_v1")]
 static REV_NAT4: HashMap<u32, RevNat<Ip4>> = HashMap::with_max_entries(REV_NAT_MAX, BPF_F_NO_PREALLOC);
 #[map(name = "ct4_v2")]
@@ -43,7 +45,7 @@ pub trait Family {
     type Addr: Copy + Default + PartialEq + 'static;
     fn frontends() -> &'static HashMap<FrontendKey<Self::Addr>, Service>;
     fn slots() -> &'static HashMap<SlotKey, u32>;
-    fn backends() -> &'static HashMap<u32, Backend<Self::Addr>>;
+    fn backends() -> &'static Array<Backend<Self::Addr>>;
     fn rev_nat() -> &'static HashMap<u32, RevNat<Self::Addr>>;
     fn ct() -> &'static LruHashMap<CtKey<Self::Addr>, CtEntry<Self::Addr>>;
     fn affinity() -> &'static LruHashMap<AffinityKey<Self::Addr>, AffinityValue>;
@@ -64,7 +66,7 @@ impl Family for V4 {
         &SLOTS4
     }
     #[inline(always)]
-    fn backends() -> &'static HashMap<u32, Backend<Ip4>> {
+    fn backends() -> &'static Array<Backend<Ip4>> {
         &BACKENDS4
     }
     #[inline(always)]

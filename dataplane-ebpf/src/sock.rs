@@ -124,8 +124,7 @@ fn sticky_backend(cookie: u64, addr: u32, port_be: u16, sendmsg: bool) -> Option
     // SAFETY: copied out at once.
     let fwd = unsafe { V4::sock_fwd().get(&key).copied() }?;
     let id = fwd.backend_id;
-    // SAFETY: copied out at once.
-    let be = unsafe { V4::backends().get(&id).copied() }?;
+    let be = lb::backend::<V4>(id)?;
     (be.addr == fwd.addr && be.port_be == fwd.port_be).then_some(be)
 }
 

@@ -61,6 +61,9 @@ fn service_map_wrapper_refuses_bad_input_and_changes_nothing() {
     };
     let invalid = |r: Result<(), MapsError>| matches!(r, Err(MapsError::Invalid { .. }));
     assert!(invalid(lb.upsert_backend(0, be(3))), "backend id 0");
+    let past_the_array = dataplane_common::lb::BACKENDS_MAX + 1;
+    assert!(invalid(lb.upsert_backend(past_the_array, be(3))), "backend id past the array");
+    assert!(invalid(lb.upsert_backend(3, BackendSpec { addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 3), 0), ..be(3) })), "port 0");
     assert!(invalid(lb.upsert_backend(3, BackendSpec { addr: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 80), ..be(3) })));
     assert!(invalid(lb.upsert_service(&fe, &spec(vec![1, 9], 1))), "unknown backend 9");
     assert!(invalid(lb.upsert_service(&fe, &spec(vec![1], 0))), "rev-NAT id 0");
@@ -75,4 +78,17 @@ fn service_map_wrapper_refuses_bad_input_and_changes_nothing() {
     lb.remove_service(&fe).unwrap();
     assert!(lb.service(&fe).unwrap().is_none());
     lb.remove_service(&fe).expect("removing an absent service is not an error");
+
+    // Backends live in an array indexed by id: a removed one reads as free, its id is no longer
+    // listed, and removing a free id is refused like a hash map's delete of a missing key.
+    let top = dataplane_common::lb::BACKENDS_MAX;
+    lb.upsert_backend(top, be(9)).expect("the highest id fits the array");
+    assert_eq!(lb.backend(top).unwrap(), Some(be(9)));
+    lb.remove_backend(1).unwrap();
+    assert_eq!(lb.backend(1).unwrap(), None, "a removed backend reads as absent");
+    assert_eq!(lb.backend_ids().unwrap(), vec![2, top]);
+    assert!(lb.remove_backend(1).is_err(), "removing a free id");
+    assert_eq!(lb.backend(top + 1).unwrap(), None, "an id past the array is simply absent");
+    lb.clear().unwrap();
+    assert!(lb.backend_ids().unwrap().is_empty(), "clear frees every backend");
 }

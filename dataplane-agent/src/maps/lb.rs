@@ -5,9 +5,10 @@
 //! write, so a refused call changes nothing.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use aya::maps::{HashMap, Map};
+use aya::maps::{Array, HashMap, Map, MapError};
 use dataplane_common::lb::{
-    BACKEND_ACTIVE, BACKEND_FLAG_LOCAL, BACKEND_TERMINATING, BACKENDS4_MAP, Backend, FRONTENDS4_MAP, FrontendKey,
+    BACKEND_ACTIVE, BACKEND_FLAG_LOCAL, BACKEND_TERMINATING, BACKENDS_MAX, BACKENDS4_MAP, Backend, FRONTENDS4_MAP,
+    FrontendKey,
     Ip4, REV_NAT4_MAP, RevNat, SCOPE_EXT, SCOPE_INT, SERVICE_STATS_MAX, SLOTS4_MAP, Service, ServiceKind, SlotKey,
 };
 
@@ -115,7 +116,8 @@ impl BackendSpec {
 pub struct LbMaps {
     frontends: HashMap<aya::maps::MapData, FrontendKey<Ip4>, Service>,
     slots: HashMap<aya::maps::MapData, SlotKey, u32>,
-    backends: HashMap<aya::maps::MapData, u32, Backend<Ip4>>,
+    /// Indexed by backend id; an all-zero entry is a free id (see `Backend::is_present`).
+    backends: Array<aya::maps::MapData, Backend<Ip4>>,
     rev_nat: HashMap<aya::maps::MapData, u32, RevNat<Ip4>>,
 }
 
@@ -131,32 +133,36 @@ impl LbMaps {
         Ok(LbMaps {
             frontends: typed(open(&mut src, FRONTENDS4_MAP)?, FRONTENDS4_MAP)?,
             slots: typed(open(&mut src, SLOTS4_MAP)?, SLOTS4_MAP)?,
-            backends: typed(open(&mut src, BACKENDS4_MAP)?, BACKENDS4_MAP)?,
+            backends: Array::try_from(open(&mut src, BACKENDS4_MAP)?)
+                .map_err(|source| MapsError::Kind { name: BACKENDS4_MAP, source })?,
             rev_nat: typed(open(&mut src, REV_NAT4_MAP)?, REV_NAT4_MAP)?,
         })
     }
 
     pub fn upsert_backend(&mut self, id: u32, b: BackendSpec) -> Result<(), MapsError> {
-        if id == 0 {
-            return Err(MapsError::Invalid { what: "backend id", why: "0 is reserved".into() });
-        }
+        check_backend_id(id)?;
+        // Also what keeps a backend from looking like a free (all-zero) array entry.
         if b.addr.ip().is_unspecified() || b.addr.port() == 0 {
             return Err(MapsError::Invalid { what: "backend address", why: format!("{} has no address or port", b.addr) });
         }
-        self.backends.insert(id, b.to_map(), 0).map_err(op("insert", BACKENDS4_MAP))
+        self.backends.set(id, b.to_map(), 0).map_err(op("insert", BACKENDS4_MAP))
     }
 
-    /// Removes a backend. The caller removes it from every service first (`upsert_service`).
+    /// Removes a backend (writes the free, all-zero entry). The caller removes it from every
+    /// service first (`upsert_service`). A free id is refused, as a hash map's delete would.
     pub fn remove_backend(&mut self, id: u32) -> Result<(), MapsError> {
-        self.backends.remove(&id).map_err(op("remove", BACKENDS4_MAP))
+        if self.backend(id)?.is_none() {
+            return Err(op("remove", BACKENDS4_MAP)(MapError::KeyNotFound));
+        }
+        self.backends.set(id, Backend::default(), 0).map_err(op("remove", BACKENDS4_MAP))
     }
 
     pub fn backend(&self, id: u32) -> Result<Option<BackendSpec>, MapsError> {
-        match self.backends.get(&id, 0) {
-            Ok(b) => Ok(Some(BackendSpec::from_map(&b))),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(op("lookup", BACKENDS4_MAP)(e)),
+        if id == 0 || id > BACKENDS_MAX {
+            return Ok(None);
         }
+        let b = self.backends.get(&id, 0).map_err(op("lookup", BACKENDS4_MAP))?;
+        Ok(b.is_present().then(|| BackendSpec::from_map(&b)))
     }
 
     pub fn set_rev_nat(&mut self, id: u32, frontend: SocketAddrV4) -> Result<(), MapsError> {
@@ -280,15 +286,22 @@ impl LbMaps {
     pub fn clear(&mut self) -> Result<(), MapsError> {
         clear(&mut self.frontends, FRONTENDS4_MAP)?;
         clear(&mut self.slots, SLOTS4_MAP)?;
-        clear(&mut self.backends, BACKENDS4_MAP)?;
+        for id in self.backend_ids()? {
+            self.backends.set(id, Backend::default(), 0).map_err(op("remove", BACKENDS4_MAP))?;
+        }
         clear(&mut self.rev_nat, REV_NAT4_MAP)?;
         Ok(())
     }
 
-    /// Every backend id in the map.
+    /// Every backend id in use, sorted. Reads the whole array (one lookup per id, ~0.1 s for
+    /// 256k ids): meant for start-up and tools, not for a sync loop.
     pub fn backend_ids(&self) -> Result<Vec<u32>, MapsError> {
-        let mut ids = self.backends.keys().collect::<Result<Vec<_>, _>>().map_err(op("iterate", BACKENDS4_MAP))?;
-        ids.sort();
+        let mut ids = Vec::new();
+        for id in 1..=BACKENDS_MAX {
+            if self.backends.get(&id, 0).map_err(op("lookup", BACKENDS4_MAP))?.is_present() {
+                ids.push(id);
+            }
+        }
         Ok(ids)
     }
 }
@@ -296,6 +309,13 @@ impl LbMaps {
 fn count(ids: &[u32]) -> Result<u16, MapsError> {
     u16::try_from(ids.len())
         .map_err(|_| MapsError::Invalid { what: "service backends", why: format!("{} is more than 65535", ids.len()) })
+}
+
+fn check_backend_id(id: u32) -> Result<(), MapsError> {
+    if id == 0 || id > BACKENDS_MAX {
+        return Err(MapsError::Invalid { what: "backend id", why: format!("{id} is not in 1..={BACKENDS_MAX}") });
+    }
+    Ok(())
 }
 
 fn check_rev_nat_id(id: u32) -> Result<(), MapsError> {

@@ -205,7 +205,8 @@ fn timed_start(ns: &NetNs, bin: &Path, manifests: &Path, pins: &Path, state: &Pa
     }
     let took = started.elapsed().as_secs_f64() * 1000.0;
     let frontends = count_entries::<FrontendKey<Ip4>, lb::Service>(pins, lb::FRONTENDS4_MAP);
-    let backends = count_entries::<u32, lb::Backend<Ip4>>(pins, lb::BACKENDS4_MAP);
+    // The backends map is an array indexed by id: count the ids in use, not its slots.
+    let backends = LbMaps::open(Source::Pinned(pins)).unwrap().backend_ids().unwrap().len();
     assert_eq!(
         (frontends, backends),
         (SERVICES, SERVICES * ENDPOINTS),
