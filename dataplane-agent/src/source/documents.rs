@@ -13,6 +13,8 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visi
 use serde::{Deserialize, forward_to_deserialize_any};
 use serde_json::Value;
 
+use super::trim;
+
 /// An object the agent reads; other kinds are skipped.
 #[derive(Debug, Clone)]
 pub enum Object {
@@ -111,9 +113,11 @@ impl<'de> Visitor<'de> for DocVisitor {
         };
         let replay = |before: Vec<(String, Value)>, map| Replay { before: before.into_iter(), kind: Some(kind.clone()), value: None, rest: map };
         let object = match kind.as_str() {
-            "Service" => Object::Service(Arc::new(Service::deserialize(replay(before, map))?)),
-            "EndpointSlice" => Object::EndpointSlice(Arc::new(EndpointSlice::deserialize(replay(before, map))?)),
-            "Node" => Object::Node(Arc::new(Node::deserialize(replay(before, map))?)),
+            "Service" => Object::Service(Arc::new(trimmed(Service::deserialize(replay(before, map))?, trim::service))),
+            "EndpointSlice" => {
+                Object::EndpointSlice(Arc::new(trimmed(EndpointSlice::deserialize(replay(before, map))?, trim::endpoint_slice)))
+            }
+            "Node" => Object::Node(Arc::new(trimmed(Node::deserialize(replay(before, map))?, trim::node))),
             "List" => {
                 let mut items = Vec::new();
                 // `items` may come before `kind` (then it is among the buffered keys) or after.
@@ -138,6 +142,11 @@ impl<'de> Visitor<'de> for DocVisitor {
         };
         Ok(Doc(vec![object]))
     }
+}
+
+fn trimmed<T>(mut object: T, trim: fn(&mut T)) -> T {
+    trim(&mut object);
+    object
 }
 
 /// The document's map again, as a deserializer: the buffered keys, `kind`, then the rest.

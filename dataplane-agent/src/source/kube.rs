@@ -45,7 +45,7 @@ fn step<K>(kind: Kind, ev: Result<watcher::Event<K>, watcher::Error>) -> (Kind, 
     (kind, s)
 }
 
-fn reflect<K>(client: &Client, kind: Kind) -> (Store<K>, impl Stream<Item = (Kind, Step)> + Send + 'static)
+fn reflect<K>(client: &Client, kind: Kind, trim: fn(&mut K)) -> (Store<K>, impl Stream<Item = (Kind, Step)> + Send + 'static)
 where
     K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
@@ -54,6 +54,8 @@ where
     // relisting. `default_backoff` retries failed lists/watches without hammering the server.
     let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
         .default_backoff()
+        // The store keeps every object: only what the model reads (see `trim`).
+        .modify(trim)
         .reflect(writer)
         .map(move |ev| step(kind, ev));
     (reader, stream)
@@ -62,9 +64,9 @@ where
 /// Runs until `tx` has no receivers. `debounce` coalesces bursts of events (a rollout touches
 /// many slices) into one snapshot; it bounds the added latency, it does not wait for quiet.
 pub async fn run(client: Client, tx: Publisher, debounce: Duration) {
-    let (services, s1) = reflect::<Service>(&client, Kind::Service);
-    let (slices, s2) = reflect::<EndpointSlice>(&client, Kind::EndpointSlice);
-    let (nodes, s3) = reflect::<Node>(&client, Kind::Node);
+    let (services, s1) = reflect::<Service>(&client, Kind::Service, super::trim::service);
+    let (slices, s2) = reflect::<EndpointSlice>(&client, Kind::EndpointSlice, super::trim::endpoint_slice);
+    let (nodes, s3) = reflect::<Node>(&client, Kind::Node, super::trim::node);
     let mut events = pin!(futures::stream::select(futures::stream::select(s1, s2), s3));
 
     let mut synced = [false; 3];

@@ -77,7 +77,7 @@ fn doc_key(text: &str) -> DocKey {
 }
 
 /// One file as last read: its stamp and its documents' objects, in order.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct CachedFile {
     stamp: Stamp,
     docs: Vec<(DocKey, Arc<[Object]>)>,
@@ -92,86 +92,20 @@ pub struct DirCache {
     files: BTreeMap<PathBuf, CachedFile>,
 }
 
-/// A changed file after reading: its documents, each with its cached objects if its text is unchanged.
-struct ReadFile {
-    text: String,
-    /// Per document: key, first line, byte offset in `text`, the cached objects if unchanged.
-    docs: Vec<(DocKey, usize, usize, Option<Arc<[Object]>>)>,
-}
-
 impl DirCache {
     /// The whole directory's objects. On error the cache is unchanged, so the next call retries.
     pub fn load(&mut self, dir: &Path) -> Result<ClusterObjects, ManifestError> {
-        let mut listing = Vec::new();
+        let mut files = BTreeMap::new();
         for path in manifest_files(dir)? {
             let st = stamp(&path)?;
-            let unchanged = self.files.get(&path).is_some_and(|f| f.stamp == st);
-            listing.push((path, st, unchanged));
-        }
-        // Changed files: read, split, and look each document up among the file's old ones.
-        let mut read: Vec<Result<ReadFile, ManifestError>> = Vec::new();
-        for (path, _, _) in listing.iter().filter(|(_, _, unchanged)| !unchanged) {
-            read.push(std::fs::read_to_string(path).map_err(|source| ManifestError::ReadFile { path: path.clone(), source }).map(|text| {
-                let old: HashMap<DocKey, &Arc<[Object]>> =
-                    self.files.get(path).into_iter().flat_map(|f| f.docs.iter().map(|(k, o)| (*k, o))).collect();
-                let docs = documents::split(&text)
-                    .into_iter()
-                    .map(|d| {
-                        let key = doc_key(d.text);
-                        let offset = d.text.as_ptr() as usize - text.as_ptr() as usize;
-                        (key, d.line, offset, old.get(&key).map(|o| Arc::clone(o)))
-                    })
-                    .collect();
-                ReadFile { text, docs }
-            }));
-        }
-        // Parse every new document, on all cores (at start-up that is every document).
-        let changed_paths: Vec<&Path> = listing.iter().filter(|(_, _, u)| !u).map(|(p, _, _)| p.as_path()).collect();
-        let mut jobs = Vec::new();
-        for (f, file) in read.iter().enumerate() {
-            let Ok(file) = file else { continue };
-            for (d, (key, line, offset, cached)) in file.docs.iter().enumerate() {
-                if cached.is_none() {
-                    let text = &file.text[*offset..][..key.1];
-                    jobs.push((f, d, DocText { line: *line, text }));
-                }
-            }
-        }
-        let parsed = parse_parallel(&jobs, &changed_paths);
-        let mut parsed_by: HashMap<(usize, usize), Result<Arc<[Object]>, ManifestError>> =
-            jobs.iter().zip(parsed).map(|((f, d, _), r)| ((*f, *d), r)).collect();
-        // Assemble in name order, so the error reported is the first broken document's.
-        let mut files = BTreeMap::new();
-        let mut read = read.into_iter().enumerate();
-        for (path, st, unchanged) in listing {
-            if unchanged {
-                let file = self.files.remove(&path).expect("listed as unchanged");
-                files.insert(path, file);
-                continue;
-            }
-            let (f, file) = read.next().expect("one read per changed file");
-            let file = match file {
-                Ok(file) => file,
-                Err(e) => {
-                    self.restore(files);
-                    return Err(e);
-                }
+            let old = self.files.get(&path);
+            let file = match old {
+                Some(f) if f.stamp == st => CachedFile { stamp: st, docs: f.docs.clone() },
+                // One file at a time: its text is dropped before the next is read, and a broken
+                // file stops the load (the first broken file in name order is the one reported).
+                _ => read_file(&path, st, old)?,
             };
-            let mut docs = Vec::with_capacity(file.docs.len());
-            for (d, (key, _, _, cached)) in file.docs.into_iter().enumerate() {
-                let objects = match cached {
-                    Some(o) => o,
-                    None => match parsed_by.remove(&(f, d)).expect("parsed above") {
-                        Ok(o) => o,
-                        Err(e) => {
-                            self.restore(files);
-                            return Err(e);
-                        }
-                    },
-                };
-                docs.push((key, objects));
-            }
-            files.insert(path, CachedFile { stamp: st, docs });
+            files.insert(path, file);
         }
         self.files = files;
         let mut all = ClusterObjects::default();
@@ -184,23 +118,40 @@ impl DirCache {
         }
         Ok(all)
     }
-
-    /// Puts back the unchanged files taken out during a `load` that failed.
-    fn restore(&mut self, taken: BTreeMap<PathBuf, CachedFile>) {
-        self.files.extend(taken);
-    }
 }
 
-/// Parses `jobs` (file index, document index, text) on the available cores; results in input order.
-fn parse_parallel(jobs: &[(usize, usize, DocText<'_>)], paths: &[&Path]) -> Vec<Result<Arc<[Object]>, ManifestError>> {
-    let parse = |(f, d, doc): &(usize, usize, DocText<'_>)| parse_doc(paths[*f], d + 1, *doc);
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(jobs.len() / 64 + 1);
-    if workers <= 1 {
-        return jobs.iter().map(parse).collect();
+/// Reads `path` and parses the documents that `old` (its last good version) does not have.
+fn read_file(path: &Path, stamp: Stamp, old: Option<&CachedFile>) -> Result<CachedFile, ManifestError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ManifestError::ReadFile { path: path.to_path_buf(), source })?;
+    let known: HashMap<DocKey, &Arc<[Object]>> = old.into_iter().flat_map(|f| f.docs.iter().map(|(k, o)| (*k, o))).collect();
+    let docs: Vec<(DocKey, DocText<'_>)> = documents::split(&text).into_iter().map(|d| (doc_key(d.text), d)).collect();
+    let new: Vec<(usize, DocText<'_>)> =
+        docs.iter().enumerate().filter(|(_, (key, _))| !known.contains_key(key)).map(|(i, (_, d))| (i, *d)).collect();
+    let mut parsed = parse_parallel(path, &new).into_iter();
+    let mut out = Vec::with_capacity(docs.len());
+    for (key, _) in &docs {
+        let objects = match known.get(key) {
+            Some(objects) => Arc::clone(objects),
+            // In document order, so the error reported is the first broken document's.
+            None => parsed.next().expect("one result per new document")?,
+        };
+        out.push((*key, objects));
     }
-    let chunk = jobs.len().div_ceil(workers);
+    Ok(CachedFile { stamp, docs: out })
+}
+
+/// Parses `docs` (index in the file, text) on the available cores (at start-up every document
+/// of every file is new, and parsing is most of the start-up time); results in input order.
+fn parse_parallel(path: &Path, docs: &[(usize, DocText<'_>)]) -> Vec<Result<Arc<[Object]>, ManifestError>> {
+    let parse = |(i, doc): &(usize, DocText<'_>)| parse_doc(path, i + 1, *doc);
+    // Below a few hundred documents a thread costs more than it saves.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(docs.len() / 256 + 1);
+    if workers <= 1 {
+        return docs.iter().map(parse).collect();
+    }
+    let chunk = docs.len().div_ceil(workers);
     std::thread::scope(|scope| {
-        let handles: Vec<_> = jobs.chunks(chunk).map(|part| scope.spawn(move || part.iter().map(parse).collect::<Vec<_>>())).collect();
+        let handles: Vec<_> = docs.chunks(chunk).map(|part| scope.spawn(move || part.iter().map(parse).collect::<Vec<_>>())).collect();
         // A panic in a parser is a bug; re-raise it here rather than report a half-read directory.
         handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
     })

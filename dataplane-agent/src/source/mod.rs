@@ -10,6 +10,7 @@ use crate::model::ClusterObjects;
 pub mod documents;
 pub mod kube;
 pub mod manifests;
+pub mod trim;
 
 /// What a source publishes.
 #[derive(Debug, Clone, Default)]
