@@ -3,6 +3,8 @@
 //! Needed when the stack would refuse it: after reverse NAT a reply to an outside client carries
 //! the frontend as its source, which for NodePort is a node address, and after SNAT a request to a
 //! remote backend does too; the stack drops packets arriving with a local source as martians.
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup, xdp_action},
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
@@ -11,17 +13,18 @@ use aya_ebpf::{
 
 use crate::{
     csum::Rewrite,
+    mem,
     parse::{self, ETH_HLEN, EthHdr, Ipv4Hdr, Window},
 };
 
 const AF_INET: u8 = 2;
 
-/// Lookup parameters for the IPv4 packet in `w`, arriving on `ifindex`.
+/// Lookup parameters for the IPv4 packet in `w`, arriving on `ifindex`, written into `p` (zeroed
+/// by the caller with `mem::zeroed_in`). Filled in place: returning the 64-byte block by value
+/// (in an `Option`) made LLVM zero part of the copy with a byte-by-byte `memset` call.
 #[inline(always)]
-fn params(w: Window, ifindex: u32) -> Option<bpf_fib_lookup> {
+fn fill_params(w: Window, ifindex: u32, p: &mut bpf_fib_lookup) -> Option<()> {
     let ip = parse::ptr_at::<Ipv4Hdr>(w, ETH_HLEN)?;
-    // SAFETY: an all-zero bpf_fib_lookup is a valid input; fields are filled below.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.ifindex = ifindex;
     // SAFETY: `ip` was bounds-checked by ptr_at.
@@ -32,7 +35,7 @@ fn params(w: Window, ifindex: u32) -> Option<bpf_fib_lookup> {
         p.__bindgen_anon_3.ipv4_src = (*ip).saddr_be;
         p.__bindgen_anon_4.ipv4_dst = (*ip).daddr_be;
     }
-    Some(p)
+    Some(())
 }
 
 /// XDP: rewrite the MACs and transmit (same interface) or redirect. Without a resolved
@@ -42,11 +45,13 @@ fn params(w: Window, ifindex: u32) -> Option<bpf_fib_lookup> {
 pub fn xdp_forward(ctx: &XdpContext) -> u32 {
     let w = ctx.window();
     let ingress = ctx.ingress_ifindex() as u32;
-    let (Some(eth), Some(mut p)) = (parse::ptr_at::<EthHdr>(w, 0), params(w, ingress)) else {
+    let mut slot = MaybeUninit::uninit();
+    let p: &mut bpf_fib_lookup = mem::zeroed_in(&mut slot);
+    let (Some(eth), Some(())) = (parse::ptr_at::<EthHdr>(w, 0), fill_params(w, ingress, p)) else {
         return xdp_action::XDP_PASS;
     };
     // SAFETY: valid context and a parameter block of the size passed.
-    let rc = unsafe { fib_lookup(ctx.ctx.cast(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
+    let rc = unsafe { fib_lookup(ctx.ctx.cast(), p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return xdp_action::XDP_PASS;
     }
@@ -70,9 +75,13 @@ pub fn xdp_forward(ctx: &XdpContext) -> u32 {
 pub fn tc_forward(ctx: &TcContext) -> i32 {
     // SAFETY: the skb the kernel passed.
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
-    let Some(mut p) = params(ctx.window(), ingress) else { return TC_ACT_OK };
+    let mut slot = MaybeUninit::uninit();
+    let p: &mut bpf_fib_lookup = mem::zeroed_in(&mut slot);
+    if fill_params(ctx.window(), ingress, p).is_none() {
+        return TC_ACT_OK;
+    }
     // SAFETY: valid context and a parameter block of the size passed.
-    let rc = unsafe { fib_lookup(ctx.skb.skb.cast(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
+    let rc = unsafe { fib_lookup(ctx.skb.skb.cast(), p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
         if ctx.store(0, &p.dmac, 0).is_err() || ctx.store(6, &p.smac, 0).is_err() {
             return TC_ACT_OK;

@@ -10,6 +10,7 @@ mod csum;
 mod fib;
 mod lb;
 mod maps;
+mod mem;
 mod nat;
 mod parse;
 mod sock;
