@@ -145,7 +145,7 @@ pub async fn sync_loop(mut rx: Subscriber, actions: Actions, mut maps: Option<Re
             }
             let took = started.elapsed();
             tracing::debug!(services = changed.services.len(), frontends = touched.len(), relisted, ms = took.as_secs_f64() * 1000.0, "synced");
-            state.metrics.observe(desired, took.as_secs_f64());
+            state.metrics.observe(desired, &changed.services, took.as_secs_f64());
             let status = state.update(|s| {
                 s.ready = true;
                 s.syncs += 1;
