@@ -92,3 +92,45 @@ fn service_map_wrapper_refuses_bad_input_and_changes_nothing() {
     lb.clear().unwrap();
     assert!(lb.backend_ids().unwrap().is_empty(), "clear frees every backend");
 }
+
+/// An agent upgraded from the hash-map backends (`lb4_be_v1`) keeps every backend at its id: the
+/// pinned slots and conntrack entries refer to those ids. The old pin is copied into the array
+/// (without overwriting an id the array already uses) and removed.
+#[test]
+fn backends_pinned_by_an_older_agent_are_migrated_at_their_ids() {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use dataplane_agent::maps::{
+        Source,
+        lb::{BACKENDS4_V1_MAP, BackendSpec, LbMaps},
+    };
+    use dataplane_common::lb::{BACKEND_FLAG_LOCAL, Backend};
+
+    if !require_kernel() {
+        return;
+    }
+    let pins = PinDir::new();
+    drop(loader::load(Some(pins.path())).expect("load"));
+    let spec = |last: u8| BackendSpec { addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 8080), local: true, terminating: false };
+    LbMaps::open(Source::Pinned(pins.path())).unwrap().upsert_backend(7, spec(70)).unwrap();
+
+    let mut old: HashMap<aya::maps::MapData, u32, Backend<Ip4>> = HashMap::create(16, 0).unwrap();
+    let raw = |last: u8| Backend::<Ip4> {
+        addr: u32::from_ne_bytes([10, 0, 0, last]),
+        port_be: 8080u16.to_be(),
+        flags: BACKEND_FLAG_LOCAL,
+        state: 0,
+    };
+    old.insert(3, raw(3), 0).unwrap();
+    old.insert(7, raw(7), 0).unwrap();
+    old.pin(pins.path().join(BACKENDS4_V1_MAP)).unwrap();
+
+    let lb = LbMaps::open(Source::Pinned(pins.path())).expect("open migrates");
+    assert_eq!(lb.backend(3).unwrap(), Some(spec(3)), "copied at its id");
+    assert_eq!(lb.backend(7).unwrap(), Some(spec(70)), "an id the array already uses is kept");
+    assert_eq!(lb.backend_ids().unwrap(), vec![3, 7]);
+    assert!(!pins.path().join(BACKENDS4_V1_MAP).exists(), "the old pin is removed");
+    drop(lb);
+    let again = LbMaps::open(Source::Pinned(pins.path())).expect("a second open has nothing to migrate");
+    assert_eq!(again.backend_ids().unwrap(), vec![3, 7]);
+}

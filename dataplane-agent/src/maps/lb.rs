@@ -5,7 +5,7 @@
 //! write, so a refused call changes nothing.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use aya::maps::{Array, HashMap, Map, MapError};
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use dataplane_common::lb::{
     BACKEND_ACTIVE, BACKEND_FLAG_LOCAL, BACKEND_TERMINATING, BACKENDS_MAX, BACKENDS4_MAP, Backend, FRONTENDS4_MAP,
     FrontendKey,
@@ -13,6 +13,9 @@ use dataplane_common::lb::{
 };
 
 use super::{MapsError, Source, clear, ip4_from_map, ip4_to_map, is_not_found, op, open};
+
+/// The pinned name of the backends map before it became an array (see [`LbMaps::open`]).
+pub const BACKENDS4_V1_MAP: &str = "lb4_be_v1";
 
 /// L4 protocol of a frontend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -129,13 +132,47 @@ fn typed<K: aya::Pod, V: aya::Pod>(
 }
 
 impl LbMaps {
+    /// Opens the tables. From a pin directory that still holds the hash-map backends of an
+    /// older agent (`lb4_be_v1`), their entries are first copied into the array, at the same
+    /// ids (the pinned slots and conntrack entries refer to them), and the old pin is removed.
     pub fn open(mut src: Source<'_>) -> Result<LbMaps, MapsError> {
-        Ok(LbMaps {
+        let pin_dir = match &src {
+            Source::Pinned(dir) => Some(dir.to_path_buf()),
+            Source::Ebpf(_) => None,
+        };
+        let mut maps = LbMaps {
             frontends: typed(open(&mut src, FRONTENDS4_MAP)?, FRONTENDS4_MAP)?,
             slots: typed(open(&mut src, SLOTS4_MAP)?, SLOTS4_MAP)?,
             backends: Array::try_from(open(&mut src, BACKENDS4_MAP)?)
                 .map_err(|source| MapsError::Kind { name: BACKENDS4_MAP, source })?,
             rev_nat: typed(open(&mut src, REV_NAT4_MAP)?, REV_NAT4_MAP)?,
+        };
+        if let Some(dir) = pin_dir {
+            maps.migrate_backends_v1(&dir)?;
+        }
+        Ok(maps)
+    }
+
+    /// Copies `lb4_be_v1` (hash, id -> backend) into the array where the id is still free, then
+    /// unpins it. Ids past the array cannot have been written by an agent of either layout.
+    fn migrate_backends_v1(&mut self, dir: &std::path::Path) -> Result<(), MapsError> {
+        let path = dir.join(BACKENDS4_V1_MAP);
+        if !path.exists() {
+            return Ok(());
+        }
+        let old = MapData::from_pin(&path).map_err(|source| MapsError::Pin { path: path.clone(), source })?;
+        let old: HashMap<MapData, u32, Backend<Ip4>> = Map::from_map_data(old)
+            .and_then(HashMap::try_from)
+            .map_err(|source| MapsError::Kind { name: BACKENDS4_V1_MAP, source })?;
+        for kv in old.iter() {
+            let (id, b) = kv.map_err(op("iterate", BACKENDS4_V1_MAP))?;
+            if b.is_present() && self.backend(id)?.is_none() && check_backend_id(id).is_ok() {
+                self.backends.set(id, b, 0).map_err(op("insert", BACKENDS4_MAP))?;
+            }
+        }
+        std::fs::remove_file(&path).map_err(|e| MapsError::Invalid {
+            what: "old backends pin",
+            why: format!("copied, but {} could not be removed: {e}", path.display()),
         })
     }
 
