@@ -330,16 +330,16 @@ impl Collector for DataPathCollector {
         match stats.drops() {
             Ok(drops) => {
                 let rows: Vec<(Label, _)> = drops.iter().map(|(r, c)| ([("reason", r.name())], *c)).collect();
-                counter_family(&mut encoder, "drops", "Packets (socket hooks: operations) the data path dropped or refused, by reason", rows.iter().map(|(l, c)| (l, c.packets)))?;
-                counter_family(&mut encoder, "drop_bytes", "Bytes of the packets the data path dropped, by reason (0 for socket operations)", rows.iter().map(|(l, c)| (l, c.bytes)))?;
+                counter_family(&mut encoder, "drops", "Packets (socket hooks: operations) the data path dropped or refused, by reason.", rows.iter().map(|(l, c)| (l, c.packets)))?;
+                counter_family(&mut encoder, "drop_bytes", "Bytes of the packets the data path dropped, by reason (0 for socket operations).", rows.iter().map(|(l, c)| (l, c.bytes)))?;
             }
             Err(e) => tracing::warn!(error = %crate::errors::error_chain(&e), "drop counters not read"),
         }
         match stats.hooks() {
             Ok(hooks) => {
                 let rows: Vec<(Label, _)> = hooks.iter().map(|(h, c)| ([("hook", h.name())], *c)).collect();
-                counter_family(&mut encoder, "hook_packets", "Packets each attached program saw (socket hooks: calls)", rows.iter().map(|(l, c)| (l, c.packets)))?;
-                counter_family(&mut encoder, "hook_bytes", "Bytes of the packets each attached program saw (0 for socket hooks)", rows.iter().map(|(l, c)| (l, c.bytes)))?;
+                counter_family(&mut encoder, "hook_packets", "Packets each attached program saw (socket hooks: calls).", rows.iter().map(|(l, c)| (l, c.packets)))?;
+                counter_family(&mut encoder, "hook_bytes", "Bytes of the packets each attached program saw (0 for socket hooks).", rows.iter().map(|(l, c)| (l, c.bytes)))?;
             }
             Err(e) => tracing::warn!(error = %crate::errors::error_chain(&e), "hook counters not read"),
         }
@@ -366,26 +366,26 @@ impl Collector for DataPathCollector {
         counter_family(
             &mut encoder,
             "service_packets",
-            "Packets the per-packet paths (XDP/TC: NodePort, LoadBalancer, externalIPs, Pod veth fallback) forwarded for this Service frontend, both directions",
+            "Packets the per-packet paths (XDP/TC: NodePort, LoadBalancer, externalIPs, Pod veth fallback) forwarded for this Service frontend, both directions.",
             packets.iter().map(|(l, c)| (*l, c.packets)),
         )?;
-        counter_family(&mut encoder, "service_bytes", "Bytes of those packets", packets.iter().map(|(l, c)| (*l, c.bytes)))?;
+        counter_family(&mut encoder, "service_bytes", "Bytes (with the Ethernet header) of the packets in dataplane_service_packets_total.", packets.iter().map(|(l, c)| (*l, c.bytes)))?;
         counter_family(
             &mut encoder,
             "service_socket_connects",
-            "connect() calls from this node's Pods and host the socket-LB hooks sent to a backend of this frontend (TCP connections, connected UDP sockets); their packets and bytes are not visible at the socket hook",
+            "connect() calls from this node's Pods and host the socket-LB hooks sent to a backend of this frontend (TCP connections, connected UDP sockets); their packets and bytes are not visible at the socket hook.",
             socket.iter().map(|(l, c)| (*l, c.connect)),
         )?;
         counter_family(
             &mut encoder,
             "service_socket_datagrams",
-            "Unconnected UDP sendmsg() calls the socket-LB hooks sent to a backend of this frontend (bytes not visible at the socket hook)",
+            "Unconnected UDP sendmsg() calls the socket-LB hooks sent to a backend of this frontend (bytes not visible at the socket hook).",
             socket.iter().map(|(l, c)| (*l, c.sendmsg)),
         )?;
         counter_family(
             &mut encoder,
             "service_socket_refused",
-            "connect()/sendmsg() calls to this frontend refused with ECONNREFUSED because it had no usable backend",
+            "connect()/sendmsg() calls to this frontend refused with ECONNREFUSED because it had no usable backend.",
             socket.iter().map(|(l, c)| (*l, c.refused)),
         )?;
         Ok(())
