@@ -37,7 +37,7 @@ static SOCK_REV4: LruHashMap<SockRevKey<Ip4>, SockRev<Ip4>> = LruHashMap::with_m
 #[map(name = "lb4_skfwd_v1")]
 static SOCK_FWD4: LruHashMap<SockRevKey<Ip4>, SockFwd<Ip4>> = LruHashMap::with_max_entries(SOCK_REV_MAX, 0);
 
-/// Per-service packets/bytes, indexed by rev-NAT id. Not pinned: counters restart with the agent.
+/// Per-service packets/bytes, indexed by rev-NAT id. Pinned, so counters survive an agent restart.
 #[map(name = "lb_svc_stats_v1")]
 static SERVICE_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(SERVICE_STATS_MAX, 0);
 
