@@ -139,8 +139,8 @@ pub struct ModelCache {
     services: Objects<ServiceName, Service>,
     slices: Objects<(String, String), EndpointSlice>,
     nodes: Objects<String, Node>,
-    /// The slices of each Service, by slice key.
-    slices_of: HashMap<ServiceName, BTreeMap<(String, String), Arc<EndpointSlice>>>,
+    /// The slices of each Service, in slice key order (a Vec: most Services have one slice).
+    slices_of: HashMap<ServiceName, Vec<((String, String), Arc<EndpointSlice>)>>,
     /// What Services are built against: this node's zone and NodePort addresses.
     context: (Option<String>, Vec<std::net::IpAddr>),
     /// Warnings and errors per Service; `state.errors` is their sorted union.
@@ -177,7 +177,7 @@ impl ModelCache {
         for (key, old, new) in self.slices.update(&objects.endpoint_slices, slice_key) {
             if let Some(svc) = old.as_deref().and_then(slice_service) {
                 let list = self.slices_of.entry(svc.clone()).or_default();
-                list.remove(&key);
+                list.retain(|(k, _)| *k != key);
                 if list.is_empty() {
                     self.slices_of.remove(&svc);
                 }
@@ -186,7 +186,11 @@ impl ModelCache {
             if let Some(new) = new
                 && let Some(svc) = slice_service(&new)
             {
-                self.slices_of.entry(svc.clone()).or_default().insert(key, new);
+                let list = self.slices_of.entry(svc.clone()).or_default();
+                match list.binary_search_by(|(k, _)| k.cmp(&key)) {
+                    Ok(i) => list[i].1 = new,
+                    Err(i) => list.insert(i, (key, new)),
+                }
                 dirty.insert(svc);
             }
         }
@@ -232,7 +236,7 @@ impl ModelCache {
         if !is_ours(svc.metadata.labels.as_ref(), self.config.service_proxy_name.as_deref()) {
             return;
         }
-        let slices: Vec<Arc<EndpointSlice>> = self.slices_of.get(name).into_iter().flat_map(|m| m.values().cloned()).collect();
+        let slices: Vec<Arc<EndpointSlice>> = self.slices_of.get(name).into_iter().flatten().map(|(_, s)| s.clone()).collect();
         let index = SliceIndex::new(&slices, self.config.service_proxy_name.as_deref());
         let ctx = service::Context {
             node_name: self.config.node_name.as_deref(),

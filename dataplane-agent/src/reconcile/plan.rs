@@ -157,7 +157,8 @@ impl Planner {
     /// entry may have changed (added, changed or gone).
     pub fn update<'a>(&mut self, desired: &DesiredState, services: impl IntoIterator<Item = &'a ServiceName>) -> BTreeSet<Frontend> {
         let mut touched = BTreeSet::new();
-        let mut fresh: HashMap<&ServiceName, BTreeMap<Frontend, PlannedEntry>> = HashMap::new();
+        // Vecs, not the maps `plan_service` fills: at start-up every Service is here at once.
+        let mut fresh: HashMap<&ServiceName, Vec<(Frontend, PlannedEntry)>> = HashMap::new();
         for name in services {
             if let Some((frontends, ipv6)) = self.claims.remove(name) {
                 self.plan.skipped.ipv6_frontends -= ipv6;
@@ -180,7 +181,7 @@ impl Planner {
                 touched.insert(*fe);
             }
             self.claims.insert(name.clone(), (entries.keys().copied().collect(), ipv6));
-            fresh.insert(name, entries);
+            fresh.insert(name, entries.into_iter().collect());
         }
         for fe in &touched {
             let Some(winner) = self.owners.get(fe).and_then(|o| o.last()) else {
@@ -189,7 +190,7 @@ impl Planner {
                 continue;
             };
             let entry = match fresh.get_mut(winner) {
-                Some(entries) => entries.remove(fe),
+                Some(entries) => entries.iter().position(|(f, _)| f == fe).map(|i| entries.swap_remove(i).1),
                 // The frontend fell back to a Service that did not change: plan it again.
                 None => desired.services.get(winner).and_then(|svc| {
                     let mut entries = BTreeMap::new();
