@@ -35,7 +35,8 @@ pub enum Command {
     Doctor(DoctorArgs),
     /// Remove what `run` leaves in place on exit: the pinned links (detaching the data path),
     /// programs and maps, the node file, status.json and, with `--routes`, the routes it installed.
-    /// Stop the agent first.
+    /// Stop the agent first. `dataplane-agent --cleanup` (kube-proxy's spelling) does the same.
+    #[command(long_flag_alias = "cleanup")]
     Cleanup(CleanupArgs),
 }
 

@@ -161,8 +161,8 @@ fn run_with_manifests_programs_maps_serves_health_metrics_status_and_node_file()
     assert_eq!(removed["removed"].as_array().unwrap().len(), dataplane_agent::loader::PINNED_MAPS.len() + 1 + 3, "{removed:#}");
     assert!(!pins.path().exists() && !node_file.exists() && !state_dir.join("status.json").exists());
     assert!(!tmp.0.join("ready").exists(), "cleanup removes the CNI readiness file");
-    let again = agent(&["cleanup", "--pin-dir", &pin_dir, "--node-file", node_file.to_str().unwrap(), "--state-dir", state_dir.to_str().unwrap()]);
-    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to remove"), "cleanup is idempotent");
+    let again = agent(&["--cleanup", "--pin-dir", &pin_dir, "--node-file", node_file.to_str().unwrap(), "--state-dir", state_dir.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to remove"), "cleanup is idempotent, also spelled --cleanup as in kube-proxy");
 }
 
 #[test]
