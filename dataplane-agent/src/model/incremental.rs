@@ -40,6 +40,12 @@ impl<K, T> Default for Objects<K, T> {
     }
 }
 
+/// One object added (old `None`), changed, or removed (new `None`): (key, old, new).
+type Change<K, T> = (K, Option<Arc<T>>, Option<Arc<T>>);
+
+/// A slice's (namespace, name).
+type SliceKey = (String, String);
+
 fn addr<T>(a: &Arc<T>) -> usize {
     Arc::as_ptr(a) as usize
 }
@@ -47,7 +53,7 @@ fn addr<T>(a: &Arc<T>) -> usize {
 impl<K: Clone + Eq + std::hash::Hash, T: PartialEq> Objects<K, T> {
     /// Replaces the set with `new`; returns (key, old, new) for every object added, changed or
     /// removed. Objects keyed the same twice in `new`: the last wins, as in `build`.
-    fn update(&mut self, new: &[Arc<T>], key_of: impl Fn(&T) -> K) -> Vec<(K, Option<Arc<T>>, Option<Arc<T>>)> {
+    fn update(&mut self, new: &[Arc<T>], key_of: impl Fn(&T) -> K) -> Vec<Change<K, T>> {
         let mut seen: HashSet<usize> = HashSet::with_capacity(new.len());
         let mut candidates: Vec<(K, &Arc<T>)> = Vec::new();
         for obj in new {
@@ -92,7 +98,7 @@ impl<K: Clone + Eq + std::hash::Hash, T: PartialEq> Objects<K, T> {
     }
 
     /// `update` without the pointer shortcut: every object keyed, the last of a key wins.
-    fn replace_all(&mut self, new: &[Arc<T>], key_of: impl Fn(&T) -> K) -> Vec<(K, Option<Arc<T>>, Option<Arc<T>>)> {
+    fn replace_all(&mut self, new: &[Arc<T>], key_of: impl Fn(&T) -> K) -> Vec<Change<K, T>> {
         let mut by_key: HashMap<K, Arc<T>> = HashMap::with_capacity(new.len());
         for obj in new {
             by_key.insert(key_of(obj), obj.clone());
@@ -128,7 +134,7 @@ fn slice_service(s: &EndpointSlice) -> Option<ServiceName> {
     Some(ServiceName { namespace: s.metadata.namespace.clone().unwrap_or_else(|| "default".into()), name: name.clone() })
 }
 
-fn slice_key(s: &EndpointSlice) -> (String, String) {
+fn slice_key(s: &EndpointSlice) -> SliceKey {
     (s.metadata.namespace.clone().unwrap_or_else(|| "default".into()), s.metadata.name.clone().unwrap_or_default())
 }
 
@@ -137,10 +143,10 @@ fn slice_key(s: &EndpointSlice) -> (String, String) {
 pub struct ModelCache {
     config: ModelConfig,
     services: Objects<ServiceName, Service>,
-    slices: Objects<(String, String), EndpointSlice>,
+    slices: Objects<SliceKey, EndpointSlice>,
     nodes: Objects<String, Node>,
     /// The slices of each Service, in slice key order (a Vec: most Services have one slice).
-    slices_of: HashMap<ServiceName, Vec<((String, String), Arc<EndpointSlice>)>>,
+    slices_of: HashMap<ServiceName, Vec<(SliceKey, Arc<EndpointSlice>)>>,
     /// What Services are built against: this node's zone and NodePort addresses.
     context: (Option<String>, Vec<std::net::IpAddr>),
     /// Warnings and errors per Service; `state.errors` is their sorted union.
