@@ -101,7 +101,8 @@ fn open_maps(args: &RunArgs) -> anyhow::Result<Reconciler> {
         attach_datapath(args)?;
     }
     let lb = LbMaps::open(Source::Pinned(pin_dir)).context("opening the pinned service maps")?;
-    let r = Reconciler::new(lb).context("adopting the service maps' content")?;
+    let stats = dataplane_agent::maps::stats::StatsMaps::open(Source::Pinned(pin_dir)).context("opening the pinned counter maps")?;
+    let r = Reconciler::new(lb).context("adopting the service maps' content")?.with_counters(stats);
     tracing::info!(pin_dir = %pin_dir.display(), frontends = r.frontend_count(), backends = r.backend_count(), "service maps opened");
     Ok(r)
 }

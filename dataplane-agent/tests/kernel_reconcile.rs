@@ -93,3 +93,40 @@ fn reconcile_programs_adopts_and_prunes_the_pinned_maps() {
     let lb = LbMaps::open(Source::Pinned(pins.path())).unwrap();
     assert_eq!(lb.backend_ids().unwrap().len(), 2, "only kube-dns's backends remain");
 }
+
+/// A rev-NAT id the reconciler hands to a new frontend starts its per-Service counters at zero,
+/// whatever a frontend that held the id before left there; ids it does not take are untouched.
+#[test]
+fn a_new_rev_nat_id_starts_with_zeroed_service_counters() {
+    use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
+    use dataplane_agent::maps::stats::StatsMaps;
+    use dataplane_common::{lb::SERVICE_STATS_MAP, metrics::Counter};
+    if !require_kernel() {
+        return;
+    }
+    let pins = PinDir::new();
+    let _datapath = loader::load(Some(pins.path())).expect("load the object with pinned maps");
+    // Leftover counts, as a removed frontend would leave them, on the first ids the allocator gives.
+    let data = MapData::from_pin(pins.path().join(SERVICE_STATS_MAP)).unwrap();
+    let mut counters: PerCpuArray<MapData, Counter> = PerCpuArray::try_from(Map::from_map_data(data).unwrap()).unwrap();
+    let cpus = aya::util::nr_cpus().unwrap();
+    let stale = Counter { packets: 7, bytes: 700 };
+    for id in 1..64 {
+        counters.set(id, PerCpuValues::try_from(vec![stale; cpus]).unwrap(), 0).unwrap();
+    }
+
+    let stats = || StatsMaps::open(Source::Pinned(pins.path())).unwrap();
+    let mut r = Reconciler::new(LbMaps::open(Source::Pinned(pins.path())).unwrap()).unwrap().with_counters(stats());
+    r.apply(&plan(&["coredns"])).unwrap();
+    let lb = LbMaps::open(Source::Pinned(pins.path())).unwrap();
+    let ids: std::collections::BTreeSet<u32> =
+        lb.frontends().unwrap().iter().map(|fe| lb.service(fe).unwrap().unwrap().rev_nat_id).collect();
+    assert!(!ids.is_empty());
+    for id in &ids {
+        assert_eq!(stats().service(*id).unwrap(), Counter::default(), "rev-NAT id {id} kept a previous frontend's counts");
+        assert_eq!(stats().sock_lb(*id).unwrap(), Default::default(), "rev-NAT id {id}");
+    }
+    let untouched = (1..64).find(|id| !ids.contains(id)).unwrap();
+    let sum = Counter { packets: stale.packets * cpus as u64, bytes: stale.bytes * cpus as u64 };
+    assert_eq!(stats().service(untouched).unwrap(), sum, "an id nobody took keeps its counts");
+}

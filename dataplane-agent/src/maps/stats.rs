@@ -47,6 +47,10 @@ fn sum_sock(values: &PerCpuValues<SockLbCounter>) -> SockLbCounter {
     })
 }
 
+fn zeros<V: Pod + Default>(cpus: usize) -> Result<PerCpuValues<V>, MapsError> {
+    PerCpuValues::try_from(vec![V::default(); cpus]).map_err(|e| MapsError::Invalid { what: "per-CPU values", why: e.to_string() })
+}
+
 impl StatsMaps {
     pub fn open(mut src: Source<'_>) -> Result<StatsMaps, MapsError> {
         Ok(StatsMaps {
@@ -77,6 +81,14 @@ impl StatsMaps {
     /// rev-NAT id, both directions. An id past the array is refused (the data path cannot count it).
     pub fn service(&self, rev_nat_id: u32) -> Result<Counter, MapsError> {
         Ok(sum_counters(&self.services.get(&rev_nat_id, 0).map_err(op("lookup", SERVICE_STATS_MAP))?))
+    }
+
+    /// Zeroes the counters of a rev-NAT id about to be given to a new frontend, so that its
+    /// series does not start with the counts of the frontend that held the id before.
+    pub fn reset_service(&mut self, rev_nat_id: u32) -> Result<(), MapsError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapsError::Invalid { what: "possible CPUs", why: e.to_string() })?;
+        self.services.set(rev_nat_id, zeros(cpus)?, 0).map_err(op("update", SERVICE_STATS_MAP))?;
+        self.sock_lb.set(rev_nat_id, zeros(cpus)?, 0).map_err(op("update", SOCK_LB_STATS_MAP))
     }
 
     /// What the socket-LB hooks did for the Service frontend with this rev-NAT id.

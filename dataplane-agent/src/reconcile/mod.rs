@@ -13,6 +13,7 @@ use std::net::SocketAddrV4;
 use dataplane_common::lb::SERVICE_STATS_MAX;
 
 use crate::maps::MapsError;
+use crate::maps::stats::StatsMaps;
 use crate::maps::lb::{BackendSpec, Frontend, LbMaps, Proto, Scope, ServiceSpec};
 
 pub mod plan;
@@ -103,6 +104,7 @@ pub struct Reconciler {
     svc_ids: Ids,
     backend_ids: Ids,
     rev_nat_ids: Ids,
+    stats: Option<StatsMaps>,
 }
 
 impl Reconciler {
@@ -118,9 +120,17 @@ impl Reconciler {
             svc_ids: Ids::new("service", u32::MAX),
             backend_ids: Ids::new("backend", dataplane_common::lb::BACKENDS_MAX + 1),
             rev_nat_ids: Ids::new("rev-NAT", SERVICE_STATS_MAX),
+            stats: None,
         };
         r.readopt()?;
         Ok(r)
+    }
+
+    /// Also zero a rev-NAT id's per-Service counters when the id is given to a new frontend
+    /// (without them, a reused id's series would carry over the old frontend's counts).
+    pub fn with_counters(mut self, stats: StatsMaps) -> Self {
+        self.stats = Some(stats);
+        self
     }
 
     /// Rebuilds the mirror from the maps (at start, and after a relist: whatever happened to the
@@ -298,7 +308,8 @@ impl Reconciler {
             Some(id) => *id,
             None => {
                 let id = self.rev_nat_ids.take()?;
-                if let Err(e) = self.lb.set_rev_nat(id, fe.addr) {
+                let reset = self.stats.as_mut().map_or(Ok(()), |s| s.reset_service(id));
+                if let Err(e) = reset.and_then(|()| self.lb.set_rev_nat(id, fe.addr)) {
                     self.rev_nat_ids.release(id);
                     return Err(map_err(format!("writing rev-NAT for {}", fe.addr))(e));
                 }
