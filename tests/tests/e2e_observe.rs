@@ -5,11 +5,7 @@
 //! `dataplane_drops_total{reason="no_backend"}` (and as socket-LB refusals); `status` reports each
 //! map's fill level matching what was programmed, also while the agent is down; the counters are
 //! pinned, so they survive an agent restart.
-use std::{
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
-    time::Duration,
-};
+use std::net::{Ipv4Addr, SocketAddr};
 
 use dataplane_tests::{
     cluster::{Cluster, ECHO_PORT, Node, Reply, Service, tally},
@@ -22,18 +18,8 @@ const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 41);
 const WEB_NODE_PORT: u16 = 30090;
 const EMPTY_NODE_PORT: u16 = 30091;
 
-/// `/metrics` of the node's agent, fetched from inside the node (it listens on the node's loopback).
 fn scrape(node: &Node) -> String {
-    let port = node.http_port;
-    node.netns.run(move || {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the agent");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(s, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        assert!(resp.starts_with("HTTP/1.0 200") || resp.starts_with("HTTP/1.1 200"), "{resp}");
-        resp.split_once("\r\n\r\n").unwrap().1.to_string()
-    })
+    node.metrics().unwrap()
 }
 
 /// The value of the sample `name{..}` whose labels include every one of `labels`. Panics if

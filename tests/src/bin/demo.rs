@@ -98,6 +98,24 @@ fn main() -> anyhow::Result<()> {
         show(&c.client.tcp(SocketAddr::from((n.ip, NODE_PORT)), REQUESTS)?);
     }
 
+    step("node-1's /metrics after that traffic: per-Service counters (non-zero series) and drops by reason");
+    match c.nodes[0].metrics() {
+        Ok(text) => {
+            let shown: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("dataplane_service_") || l.starts_with("dataplane_drops_total"))
+                .filter(|l| l.rsplit(' ').next().is_some_and(|v| v != "0"))
+                .collect();
+            for l in &shown {
+                println!("   {l}");
+            }
+            if shown.is_empty() {
+                println!("   (no non-zero per-Service or drop series)");
+            }
+        }
+        Err(e) => println!("   (could not scrape it: {e})"),
+    }
+
     step("tearing down: Pods (CNI DEL), agents, namespaces, cgroups, pins");
     drop(c);
     println!("\ndone in {:.1} s", started.elapsed().as_secs_f64());

@@ -146,6 +146,27 @@ impl Node {
         lines[lines.len().saturating_sub(15)..].join("\n")
     }
 
+    /// The agent's `/metrics` text, fetched from inside the node (it listens on the node's loopback).
+    pub fn metrics(&self) -> Result<String, ClusterError> {
+        use std::io::{Read, Write};
+        let port = self.http_port;
+        let what = format!("GET /metrics from the agent on {}", self.name);
+        let io = |e| ClusterError::Io { what: what.clone(), source: e };
+        let resp = self.netns.run(move || -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(s, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            let mut resp = String::new();
+            s.read_to_string(&mut resp)?;
+            Ok(resp)
+        });
+        let resp = resp.map_err(io)?;
+        match resp.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200") => Ok(body.to_owned()),
+            _ => Err(io(std::io::Error::other(format!("unexpected answer: {resp}")))),
+        }
+    }
+
     /// `dataplane-agent <args>` run inside the node (e.g. `services`), returning its stdout.
     pub fn agent_cli(&self, args: &[&str]) -> Result<String, ClusterError> {
         let cmd = proc::command(self.netns.name(), None, &self.bins.agent, args)?;
