@@ -84,7 +84,7 @@ struct CachedFile {
 }
 
 /// The parsed objects of each document of each file. A changed file is read again, but only its
-/// changed documents are parsed (parsing dominates: ~2,000 documents per 1.2 MB file), and the
+/// changed documents are parsed (parsing dominates: ~2,000 documents per 2.6 MB file), and the
 /// objects of unchanged documents are the same `Arc`s as before, which is what lets the model
 /// see which objects changed without comparing them.
 #[derive(Debug, Default)]
