@@ -133,4 +133,17 @@ fn backends_pinned_by_an_older_agent_are_migrated_at_their_ids() {
     drop(lb);
     let again = LbMaps::open(Source::Pinned(pins.path())).expect("a second open has nothing to migrate");
     assert_eq!(again.backend_ids().unwrap(), vec![3, 7]);
+
+    // The batch read itself (not its per-index fall-back) works on this kernel and crosses its
+    // 64k-entry chunks up to the last index.
+    let top = dataplane_common::lb::BACKENDS_MAX;
+    drop(again);
+    LbMaps::open(Source::Pinned(pins.path())).unwrap().upsert_backend(top, spec(9)).unwrap();
+    let pinned = aya::maps::MapData::from_pin(pins.path().join(dataplane_common::lb::BACKENDS4_MAP)).unwrap();
+    let array: aya::maps::Array<_, Backend<Ip4>> = aya::maps::Array::try_from(aya::maps::Map::from_map_data(pinned).unwrap()).unwrap();
+    let batched = dataplane_agent::maps::batch::read_batch(&array).expect("BPF_MAP_LOOKUP_BATCH on the backends array");
+    assert_eq!(batched.len(), dataplane_common::lb::BACKENDS_ARRAY_LEN as usize);
+    let present: Vec<u32> = batched.iter().filter(|(_, b)| b.is_present()).map(|(id, _)| *id).collect();
+    assert_eq!(present, vec![3, 7, top]);
+    assert_eq!(batched[top as usize].1, raw(9), "values line up with their indexes");
 }

@@ -1,14 +1,15 @@
 //! Reading a whole array map in a few syscalls with `BPF_MAP_LOOKUP_BATCH` (Linux 5.6+).
 //!
 //! aya 0.14 has no batch operations, and reading the 262,145-slot backends array one
-//! `BPF_MAP_LOOKUP_ELEM` at a time took about 0.25 s at every agent start (and in `status`).
-//! This is the one raw `bpf(2)` call in the agent; callers fall back to per-key lookups when the
-//! kernel refuses it.
+//! `BPF_MAP_LOOKUP_ELEM` at a time took about 0.25 s at every agent start and in `status`.
+//! This is the one raw `bpf(2)` call in the agent; [`array_entries`] falls back to per-index
+//! lookups when the kernel refuses it.
+use std::borrow::Borrow;
 use std::os::fd::{AsFd, AsRawFd};
 
 use aya::{
     Pod,
-    maps::{IterableMap, MapData, array::Array},
+    maps::{IterableMap, MapData, MapError, array::Array},
 };
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
@@ -29,8 +30,18 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Every `(index, value)` of the array, in index order, or the errno the kernel returned.
-pub fn read_array<V: Pod>(array: &Array<MapData, V>) -> Result<Vec<(u32, V)>, std::io::Error> {
+/// Every `(index, value)` of the array, in index order: batched where the kernel allows it,
+/// else one lookup per index.
+pub fn array_entries<T: Borrow<MapData>, V: Pod>(array: &Array<T, V>) -> Result<Vec<(u32, V)>, MapError> {
+    match read_batch(array) {
+        Ok(all) => Ok(all),
+        Err(_) => (0..array.len()).map(|i| Ok((i, array.get(&i, 0)?))).collect(),
+    }
+}
+
+/// Every `(index, value)` of the array through `BPF_MAP_LOOKUP_BATCH` only, or the errno the
+/// kernel returned (public so that a test can show the batch path itself works).
+pub fn read_batch<T: Borrow<MapData>, V: Pod>(array: &Array<T, V>) -> Result<Vec<(u32, V)>, std::io::Error> {
     let fd = array.map().fd().as_fd().as_raw_fd();
     let mut out = Vec::new();
     let mut keys = vec![0u32; CHUNK as usize];
@@ -53,6 +64,7 @@ pub fn read_array<V: Pod>(array: &Array<MapData, V>) -> Result<Vec<(u32, V)>, st
         let ret = unsafe {
             libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>())
         };
+        // ENOENT: the last chunk (its entries, if any, are still returned).
         let done = ret < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT);
         if ret < 0 && !done {
             return Err(std::io::Error::last_os_error());

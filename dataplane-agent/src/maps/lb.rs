@@ -330,20 +330,11 @@ impl LbMaps {
         Ok(())
     }
 
-    /// Every backend id in use, sorted. Reads the whole array in a few batch syscalls (~0.25 s
-    /// one lookup per id, where the kernel refuses batches): meant for start-up and tools, not
-    /// for a sync loop.
+    /// Every backend id in use, sorted. Reads the whole array (a few batch syscalls): meant for
+    /// start-up and tools, not for a sync loop.
     pub fn backend_ids(&self) -> Result<Vec<u32>, MapsError> {
-        if let Ok(all) = super::batch::read_array(&self.backends) {
-            return Ok(all.into_iter().filter(|(id, b)| *id != 0 && b.is_present()).map(|(id, _)| id).collect());
-        }
-        let mut ids = Vec::new();
-        for id in 1..=BACKENDS_MAX {
-            if self.backends.get(&id, 0).map_err(op("lookup", BACKENDS4_MAP))?.is_present() {
-                ids.push(id);
-            }
-        }
-        Ok(ids)
+        let all = super::batch::array_entries(&self.backends).map_err(op("lookup", BACKENDS4_MAP))?;
+        Ok(all.into_iter().filter(|(id, b)| *id != 0 && b.is_present()).map(|(id, _)| id).collect())
     }
 }
 

@@ -5,7 +5,7 @@
 //! pin directory (an agent that restarts re-uses what the data path is forwarding with).
 pub mod affinity;
 pub mod ct;
-mod batch;
+pub mod batch;
 pub mod lb;
 pub mod stats;
 

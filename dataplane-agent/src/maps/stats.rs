@@ -127,7 +127,7 @@ fn count<K: Pod, V: Pod + Default + PartialEq>(map: &Map) -> Result<u64, MapErro
         Map::Array(_) => {
             let a: Array<&MapData, V> = Array::try_from(map)?;
             let empty = V::default();
-            (0..a.len()).try_fold(0, |n, i| Ok(n + u64::from(a.get(&i, 0)? != empty)))
+            Ok(super::batch::array_entries(&a)?.iter().filter(|(_, v)| *v != empty).count() as u64)
         }
         _ => {
             let h: HashMap<&MapData, K, V> = HashMap::try_from(map)?;
