@@ -10,6 +10,7 @@ pub mod bpffs;
 pub mod cgroup;
 pub mod cluster;
 pub mod cmd;
+pub mod k8s;
 pub mod netns;
 pub mod packet;
 pub mod prog_run;
