@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod k8s;
 mod setup;
 mod test;
 mod util;
@@ -19,7 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Install what this machine lacks (Debian packages, bpf-linker, rust-src); skips what is there.
+    /// Install what this machine lacks (Debian packages, bpf-linker, rust-src, the Kubernetes binaries the
+    /// tests run); skips what is there.
     Setup,
     /// Set up, then build everything including the eBPF object.
     Build {

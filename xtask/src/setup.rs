@@ -3,7 +3,8 @@
 //! Recipe and pitfalls: ../shared/TOOLCHAIN.md. In short: LLVM 22 (for bpf-linker) from Debian,
 //! bpf-linker 0.13 built against it with `LLVM_PREFIX`, and rust-src for the nightly that is
 //! already installed. The nightly is never updated: a newer one moves to an LLVM that bpf-linker
-//! cannot read.
+//! cannot read. Then the real Kubernetes v1.34.9 binaries (k8s.rs), whose directory every later
+//! child of xtask finds in `DATAPLANE_K8S_BIN_DIR`.
 use std::process::Command;
 
 use anyhow::{Context as _, bail};
@@ -21,6 +22,8 @@ const PACKAGES: &[&str] = &[
     "nftables",
     "bind9-dnsutils",
     "iperf3",
+    // `xz -d` for the Kubernetes binaries in ../shared/k8s/bin.
+    "xz-utils",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -33,6 +36,7 @@ pub fn run() -> anyhow::Result<()> {
     bpf_linker(&mut did)?;
     rust_src(&mut did)?;
     nextest(&mut did)?;
+    crate::k8s::setup(&mut did)?;
     if did.is_empty() {
         eprintln!("setup: everything was already installed");
     } else {

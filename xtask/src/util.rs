@@ -1,5 +1,6 @@
 //! Process helpers shared by the xtask commands.
 use std::{
+    ffi::OsStr,
     path::PathBuf,
     process::{Command, Stdio},
 };
@@ -17,9 +18,16 @@ pub fn prepare_env() {
     let cargo_bin = format!("{home}/.cargo/bin");
     let path = std::env::var("PATH").unwrap_or_default();
     if !path.split(':').any(|p| p == cargo_bin) {
-        // SAFETY: single-threaded at this point; no other thread reads the environment.
-        unsafe { std::env::set_var("PATH", format!("{cargo_bin}:{path}")) };
+        set_env("PATH", format!("{cargo_bin}:{path}"));
     }
+}
+
+/// Sets a variable in xtask's own environment, so that every child it starts (cargo, nextest, the
+/// tests and benchmarks they run) inherits it.
+pub fn set_env(key: &str, value: impl AsRef<OsStr>) {
+    // SAFETY: xtask calls this only from its main thread while no other thread is running (setup's
+    // unpacking threads are joined before), so nothing reads the environment concurrently.
+    unsafe { std::env::set_var(key, value) };
 }
 
 /// Runs a command with inherited stdio, failing when it fails.
