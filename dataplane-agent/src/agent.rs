@@ -12,12 +12,28 @@ use crate::reconcile::{self, Planner, Reconciler};
 use crate::routes::{self, RouteSync};
 use crate::source::{SourceState, Subscriber};
 
-/// What `status` shows; also written to `<state dir>/status.json` after every sync so that it
-/// can be read while the agent is down.
+/// What `status` shows; also written to `<state dir>/status.json` after every sync and whenever
+/// the source starts or stops failing, so that it can be read while the agent (or the API
+/// server) is down.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct AgentStatus {
+    /// The first full sync is done (it stays true while the source fails: the data plane keeps
+    /// serving the last good state).
     pub ready: bool,
     pub source: String,
+    /// The source's newest attempt worked (false before its first success).
+    pub source_healthy: bool,
+    /// Why the source fails, while it does.
+    pub source_error: Option<String>,
+    /// Since when the source has been failing (Unix ms).
+    pub source_failing_since_unix_ms: Option<u64>,
+    /// Whether the API server answered the newest request (kube source); `None` for the
+    /// manifests source and before the first request ended.
+    pub api_reachable: Option<bool>,
+    /// Complete lists the objects came from: the initial list and every relist after a lost
+    /// watch (a 410 Gone, or a restarted API server).
+    pub source_relists: u64,
     pub syncs: u64,
     pub last_sync_unix_ms: Option<u64>,
     pub last_sync_duration_ms: Option<f64>,
@@ -56,6 +72,11 @@ impl AgentState {
         self.ready.load(Ordering::Acquire)
     }
 
+    #[cfg(test)]
+    pub(crate) fn set_ready_for_test(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
     pub fn status(&self) -> AgentStatus {
         self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -64,6 +85,52 @@ impl AgentState {
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut s);
         s.clone()
+    }
+
+    /// Takes in the source's health; returns the new status when it changed (to be written out).
+    /// A new error is counted once, however often the source retries meanwhile.
+    pub fn note_source(&self, src: &SourceState) -> Option<AgentStatus> {
+        let healthy = !src.is_failing() && src.objects.is_some();
+        self.metrics.source_up.set(i64::from(healthy));
+        let mut changed = false;
+        let status = self.update(|s| {
+            if s.source_error != src.last_error && src.last_error.is_some() {
+                self.metrics.source_errors.inc();
+            }
+            changed = s.source_healthy != healthy
+                || s.source_error != src.last_error
+                || s.source_failing_since_unix_ms != src.failing_since_unix_ms
+                || s.api_reachable != src.api_reachable
+                || s.source_relists != src.relists;
+            if !changed {
+                return;
+            }
+            match &src.last_error {
+                Some(e) => s.last_error = Some(e.clone()),
+                // Recovered: the source's error is no longer the newest news.
+                None if s.last_error.is_some() && s.last_error == s.source_error => s.last_error = None,
+                None => {}
+            }
+            s.source_healthy = healthy;
+            s.source_error = src.last_error.clone();
+            s.source_failing_since_unix_ms = src.failing_since_unix_ms;
+            s.api_reachable = src.api_reachable;
+            s.source_relists = src.relists;
+        });
+        changed.then_some(status)
+    }
+}
+
+impl AgentStatus {
+    /// One line on the source's health, for `/readyz` and `status`; `None` while it works.
+    pub fn source_problem(&self, now_unix_ms: u64) -> Option<String> {
+        let error = self.source_error.as_deref()?;
+        let what = if self.api_reachable == Some(false) { "API server unreachable" } else { "source failing" };
+        let since = match self.source_failing_since_unix_ms {
+            Some(t) => format!(" for {} s", now_unix_ms.saturating_sub(t) / 1000),
+            None => String::new(),
+        };
+        Some(format!("{what}{since}: {error}"))
     }
 }
 
@@ -103,21 +170,20 @@ pub enum ApplyError {
 pub async fn sync_loop(mut rx: Subscriber, actions: Actions, mut maps: Option<Reconciler>, state: Arc<AgentState>) {
     let mut routes = None;
     let mut last_applied: Option<Arc<model::ClusterObjects>> = None;
-    let mut last_source_error: Option<String> = None;
     let mut model = ModelCache::new(actions.model.clone());
     let mut planner = Planner::default();
     let mut applied_relists: Option<u64> = None;
     // Set when the maps may differ from the mirror in more than the next change: diff everything.
     let mut diff_all = true;
+    let mut node_missing = false;
     loop {
         let snapshot: SourceState = rx.borrow_and_update().clone();
-        // Counted once per distinct error, not once per loop turn (retries turn the loop too).
-        if snapshot.last_error != last_source_error {
-            if let Some(err) = &snapshot.last_error {
-                state.metrics.source_errors.inc();
-                state.update(|s| s.last_error = Some(err.clone()));
-            }
-            last_source_error = snapshot.last_error.clone();
+        // Written now, not at the next sync: during an outage there is no sync to wait for.
+        if let Some(status) = state.note_source(&snapshot)
+            && let Some(dir) = &actions.state_dir
+            && let Err(e) = write_status(dir, &status)
+        {
+            tracing::warn!(error = %crate::errors::error_chain(&e), "status file not written");
         }
         if let Some(objects) = snapshot.objects.filter(|o| last_applied.as_ref().is_none_or(|l| !Arc::ptr_eq(l, o))) {
             let started = Instant::now();
@@ -146,6 +212,14 @@ pub async fn sync_loop(mut rx: Subscriber, actions: Actions, mut maps: Option<Re
             let took = started.elapsed();
             tracing::debug!(services = changed.services.len(), frontends = touched.len(), relisted, ms = took.as_secs_f64() * 1000.0, "synced");
             state.metrics.observe(desired, &changed.services, took.as_secs_f64());
+            let missing = missing_node(&actions.model, desired);
+            if missing.is_some() != node_missing {
+                node_missing = missing.is_some();
+                match &missing {
+                    Some(msg) => tracing::warn!("{msg}"),
+                    None => tracing::info!("this node is among the Nodes again"),
+                }
+            }
             let status = state.update(|s| {
                 s.ready = true;
                 s.syncs += 1;
@@ -160,7 +234,7 @@ pub async fn sync_loop(mut rx: Subscriber, actions: Actions, mut maps: Option<Re
                 s.skipped_ipv6_frontends = plan.skipped.ipv6_frontends;
                 s.service_errors = desired.errors.iter().map(ToString::to_string).collect();
                 s.last_error = match &applied {
-                    Ok(()) => snapshot.last_error.clone(),
+                    Ok(()) => snapshot.last_error.clone().or(missing),
                     Err(e) => Some(crate::errors::error_chain(e)),
                 };
             });
@@ -202,6 +276,15 @@ pub async fn sync_loop(mut rx: Subscriber, actions: Actions, mut maps: Option<Re
             return;
         }
     }
+}
+
+/// Set when `--node-name` names a Node the source does not have (a typo, or a Node outside
+/// `--node-selector`): NodePorts, local endpoints and this node's podCIDRs depend on it.
+fn missing_node(config: &ModelConfig, desired: &DesiredState) -> Option<String> {
+    let name = config.node_name.as_deref()?;
+    (!desired.nodes.contains_key(name)).then(|| {
+        format!("this node {name:?} (--node-name) is not among the Nodes the source has: is it misspelt, or outside --node-selector?")
+    })
 }
 
 /// The CNI readiness file: `ready` beside the node file (`/run/dataplane/ready` by default, the
@@ -246,4 +329,79 @@ pub fn write_status(dir: &Path, status: &AgentStatus) -> Result<(), ApplyError> 
     let tmp = dir.join(format!(".{STATUS_FILE}.{}", std::process::id()));
     std::fs::write(&tmp, serde_json::to_vec_pretty(status).unwrap_or_default()).map_err(err)?;
     std::fs::rename(&tmp, &path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failing(error: &str, reachable: bool) -> SourceState {
+        SourceState {
+            objects: Some(Arc::default()),
+            last_error: Some(error.into()),
+            failing_since_unix_ms: Some(1_000),
+            api_reachable: Some(reachable),
+            relists: 1,
+        }
+    }
+
+    #[test]
+    fn source_health_transitions_reach_the_status_once_each() {
+        let state = AgentState::new("kube".into());
+        // Before the first list: nothing known, nothing to write.
+        assert_eq!(state.note_source(&SourceState::default()), None);
+        let s = state.status();
+        assert!(!s.source_healthy && s.source_problem(5_000).is_none());
+
+        let working = SourceState { objects: Some(Arc::default()), api_reachable: Some(true), relists: 1, ..Default::default() };
+        let s = state.note_source(&working).expect("healthy is news");
+        assert_eq!((s.source_healthy, s.api_reachable, s.last_error.as_deref()), (true, Some(true), None));
+        assert_eq!(state.note_source(&working), None, "no change, no write");
+
+        let down = failing("Node watch: no answer from the API server: refused", false);
+        let s = state.note_source(&down).expect("failing is news");
+        assert_eq!((s.source_healthy, s.api_reachable, s.source_failing_since_unix_ms), (false, Some(false), Some(1_000)));
+        assert_eq!(s.last_error, s.source_error);
+        assert_eq!(s.source_problem(62_500).unwrap(), "API server unreachable for 61 s: Node watch: no answer from the API server: refused");
+        assert_eq!(state.note_source(&down), None);
+        assert_eq!(state.metrics.source_errors.get(), 1, "counted once while it lasts");
+        assert_eq!(state.metrics.source_up.get(), 0);
+
+        // Answers again, but a watch is still refused: reachable, still failing, a new error.
+        let s = state.note_source(&failing("Service watch: the API server answered 403 Forbidden: no", true)).unwrap();
+        assert_eq!(s.source_problem(2_000).unwrap(), "source failing for 1 s: Service watch: the API server answered 403 Forbidden: no");
+        assert_eq!(state.metrics.source_errors.get(), 2);
+
+        // Recovered: the source's error leaves last_error too.
+        let s = state.note_source(&working).unwrap();
+        assert_eq!((s.source_healthy, s.source_error.as_deref(), s.last_error.as_deref(), s.source_failing_since_unix_ms), (true, None, None, None));
+        assert_eq!(state.metrics.source_up.get(), 1);
+    }
+
+    #[test]
+    fn recovery_keeps_an_apply_error() {
+        let state = AgentState::new("kube".into());
+        state.note_source(&failing("Node watch: down", false));
+        state.update(|s| s.last_error = Some("programming the service maps".into()));
+        let s = state.note_source(&SourceState { objects: Some(Arc::default()), api_reachable: Some(true), ..Default::default() }).unwrap();
+        assert_eq!(s.last_error.as_deref(), Some("programming the service maps"));
+    }
+
+    #[test]
+    fn a_node_outside_the_selector_is_reported() {
+        let config = ModelConfig { node_name: Some("node-a".into()), ..Default::default() };
+        let mut desired = DesiredState::default();
+        let msg = missing_node(&config, &desired).unwrap();
+        assert!(msg.contains("\"node-a\" (--node-name) is not among the Nodes") && msg.contains("--node-selector"), "{msg}");
+        let node = model::NodeState { internal_ips: vec![], addresses: vec![], pod_cidrs: vec![], zone: None };
+        desired.nodes.insert("node-a".into(), node);
+        assert_eq!(missing_node(&config, &desired), None);
+        assert_eq!(missing_node(&ModelConfig::default(), &DesiredState::default()), None);
+    }
+
+    #[test]
+    fn an_old_status_file_still_reads() {
+        let s: AgentStatus = serde_json::from_str(r#"{"ready": true, "source": "kube", "syncs": 3}"#).unwrap();
+        assert!(s.ready && s.api_reachable.is_none() && s.source_problem(0).is_none());
+    }
 }

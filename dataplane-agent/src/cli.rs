@@ -71,14 +71,29 @@ pub struct RunArgs {
     /// Coalesce API events arriving within this window into one sync.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=5_000), value_name = "MS")]
     pub debounce_ms: u64,
+    /// kubeconfig file for the API server (default: KUBECONFIG or ~/.kube/config, else the
+    /// in-cluster service account).
+    #[arg(long, value_name = "PATH", conflicts_with = "manifests")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Longest wait between retries of a failed list/watch (they start at ~100 ms and double).
+    /// This is how late, at most, the agent notices an API server that is back; a short cap
+    /// means up to one attempt per watch per interval from every node while the server is down
+    /// (cheap when the connection is refused).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=300_000), value_name = "MS")]
+    pub api_retry_max_ms: u64,
+    /// Route to the Nodes matching this label selector only (e.g. one node pool): `key=value`,
+    /// `key!=value`, `key`, `!key`, comma-separated (all must hold). This node must match it.
+    #[arg(long, value_name = "SELECTOR", value_parser = crate::source::filter::parse_selector)]
+    pub node_selector: Option<kube::core::Selector>,
     /// This node's name (the DaemonSet passes spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
     /// Address of /healthz, /readyz, /metrics and /status.
     #[arg(long, default_value = "127.0.0.1:9964")]
     pub listen: SocketAddr,
-    /// Handle Services labelled service.kubernetes.io/service-proxy-name=NAME (others with the label are skipped).
-    #[arg(long, value_name = "NAME")]
+    /// Handle only the Services labelled service.kubernetes.io/service-proxy-name=NAME. Without
+    /// it, as kube-proxy: every Service without that label.
+    #[arg(long, value_name = "NAME", value_parser = crate::source::filter::parse_label_value)]
     pub service_proxy_name: Option<String>,
     /// Addresses NodePorts are served on (default: this Node's InternalIP and ExternalIP).
     #[arg(long, value_delimiter = ',', value_name = "IP,..")]

@@ -44,15 +44,21 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         tracing::info!(addr = %args.listen, "serving /healthz /readyz /metrics /status");
 
         let (tx, rx) = source::channel();
+        let filter = source::filter::Filter { service_proxy_name: args.service_proxy_name.clone(), nodes: args.node_selector.clone().unwrap_or_default() };
         match args.manifests.clone() {
             Some(dir) => {
                 // Fail fast on a directory that is not there; later read errors keep the last good state.
                 std::fs::read_dir(&dir).with_context(|| format!("--manifests {}", dir.display()))?;
-                tokio::spawn(source::manifests::run(dir, Duration::from_millis(args.manifests_poll_ms), tx));
+                tokio::spawn(source::manifests::run(dir, Duration::from_millis(args.manifests_poll_ms), filter, tx));
             }
             None => {
-                let client = kube::Client::try_default().await.context("connecting to the API server (in-cluster config or KUBECONFIG)")?;
-                tokio::spawn(source::kube::run(client, tx, Duration::from_millis(args.debounce_ms)));
+                let client = kube_client(args.kubeconfig.as_deref()).await?;
+                let opts = source::kube::Options {
+                    debounce: Duration::from_millis(args.debounce_ms),
+                    retry: source::retry::RetryConfig::with_max(Duration::from_millis(args.api_retry_max_ms)),
+                    filter,
+                };
+                tokio::spawn(source::kube::run(client, tx, opts));
             }
         }
         let maps = if args.no_maps { None } else { Some(open_maps(&args)?) };
@@ -84,6 +90,21 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// `--kubeconfig` when given; else what kube infers (KUBECONFIG or ~/.kube/config, then the
+/// in-cluster service account).
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path).with_context(|| format!("--kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("--kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context("finding the API server (in-cluster config, KUBECONFIG or ~/.kube/config)")?,
+    };
+    kube::Client::try_from(config).context("building the API client")
 }
 
 /// Opens the service maps under `--pin-dir`: loading the object re-uses pinned maps that exist and
@@ -188,7 +209,14 @@ fn status(args: StatusArgs, output: Output) -> anyhow::Result<ExitCode> {
             match &status {
                 None => println!("no status at {} (the agent has not synced on this node yet)", path.display()),
                 Some(s) => {
-                    println!("source:    {}", s.source);
+                    let now = dataplane_agent::source::now_unix_ms();
+                    let health = match (s.source_problem(now), s.api_reachable) {
+                        (Some(p), _) => p,
+                        (None, Some(true)) => "API server reachable".into(),
+                        (None, _) if s.source_healthy => "ok".into(),
+                        (None, _) => "no complete read yet".into(),
+                    };
+                    println!("source:    {} ({health})", s.source);
                     println!("ready:     {} ({} syncs, last took {:.2} ms)", s.ready, s.syncs, s.last_sync_duration_ms.unwrap_or(0.0));
                     println!("services:  {}  frontends: {}  backends: {}  routes: {}", s.services, s.frontends, s.backends, s.routes);
                     println!("maps:      {} frontend entries, {} backends ({} IPv6 frontends not programmed)", s.map_frontends, s.map_backends, s.skipped_ipv6_frontends);

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub sync_seconds: Histogram,
     pub syncs: Counter,
     pub source_errors: Counter,
+    /// 1 while the source works, 0 while it fails (and before its first success).
+    pub source_up: Gauge,
     pub services: Gauge,
     pub frontends: Gauge,
     pub backends: Gauge,
@@ -53,6 +55,7 @@ impl Default for Metrics {
             sync_seconds,
             syncs: Counter::default(),
             source_errors: Counter::default(),
+            source_up: Gauge::default(),
             services: Gauge::default(),
             frontends: Gauge::default(),
             backends: Gauge::default(),
@@ -67,7 +70,12 @@ impl Default for Metrics {
         let agent = root.sub_registry_with_prefix("dataplane_agent");
         agent.register("sync_duration_seconds", "Time from a source snapshot to the desired state applied", m.sync_seconds.clone());
         agent.register("syncs", "Snapshots applied", m.syncs.clone());
-        agent.register("source_errors", "Failed reads of the source (watch errors, bad manifests)", m.source_errors.clone());
+        agent.register("source_errors", "Failures of the source, each distinct error once (watch errors, API server unreachable, bad manifests)", m.source_errors.clone());
+        agent.register(
+            "source_up",
+            "1 while the source works; 0 while it fails (API server unreachable, watch refused, broken manifest) or before its first full read. The data plane keeps the last good state meanwhile",
+            m.source_up.clone(),
+        );
         agent.register("services", "Services in the desired state", m.services.clone());
         agent.register("frontends", "Frontends (address, port, protocol) in the desired state", m.frontends.clone());
         agent.register("backends", "Backends over all Service ports in the desired state", m.backends.clone());

@@ -31,6 +31,15 @@ fn bad_flags_get_clear_errors() {
         (&["run", "--routes"], "--node-name <NODE_NAME>"),
         (&["run", "--manifests-poll-ms", "1"], "invalid value '1' for '--manifests-poll-ms <MS>'"),
         (&["run", "--nodeport-addresses", "1.2.3.4,bogus"], "invalid value 'bogus' for '--nodeport-addresses <IP,..>'"),
+        (
+            &["run", "--node-selector", "pool in (a,b)"],
+            "invalid value 'pool in (a,b)' for '--node-selector <SELECTOR>': \"pool in (a,b)\": set-based requirements (in, notin) are not supported",
+        ),
+        (&["run", "--node-selector", "pool=a b"], "\"pool=a b\": \"a b\" is not a valid label value"),
+        (&["run", "--node-selector", "pool=blue,"], "label selector \"pool=blue,\" has an empty requirement"),
+        (&["run", "--service-proxy-name", "my proxy"], "invalid value 'my proxy' for '--service-proxy-name <NAME>'"),
+        (&["run", "--api-retry-max-ms", "0"], "invalid value '0' for '--api-retry-max-ms <MS>'"),
+        (&["run", "--manifests", "/tmp", "--kubeconfig", "/tmp/k"], "'--manifests <DIR>' cannot be used with '--kubeconfig <PATH>'"),
         (&["doctor", "--output", "yaml"], "invalid value 'yaml' for '--output <OUTPUT>'"),
         (&["frobnicate"], "unrecognized subcommand 'frobnicate'"),
     ];
@@ -45,6 +54,10 @@ fn bad_flags_get_clear_errors() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("error: --manifests /nonexistent/dpt-manifests: No such file or directory"), "{stderr}");
+    let out = agent(&["run", "--no-maps", "--kubeconfig", "/nonexistent/dpt-kubeconfig", "--listen", "127.0.0.1:0"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("error: --kubeconfig /nonexistent/dpt-kubeconfig: "), "{stderr}");
 }
 
 fn free_port() -> u16 {

@@ -2,6 +2,7 @@
 //! last good state when a file is broken.
 use std::time::Duration;
 
+use dataplane_agent::source::filter::{Filter, parse_selector};
 use dataplane_agent::source::{self, manifests};
 
 use dataplane_tests::scratch::TempDir;
@@ -88,7 +89,7 @@ async fn rereads_on_change_and_keeps_last_good_state_on_bad_yaml() {
     let dir = TempDir::new();
     write(&dir, "svc.yaml", SVC_A);
     let (tx, mut rx) = source::channel();
-    let task = tokio::spawn(manifests::run(dir.0.clone(), Duration::from_millis(20), tx));
+    let task = tokio::spawn(manifests::run(dir.0.clone(), Duration::from_millis(20), Filter::default(), tx));
     let first = next(&mut rx).await;
     assert_eq!(names(&first), ["a"]);
 
@@ -106,4 +107,51 @@ async fn rereads_on_change_and_keeps_last_good_state_on_bad_yaml() {
     assert_eq!(names(&state), ["b"]);
     assert!(state.last_error.is_none());
     task.abort();
+}
+
+/// The manifests source passes on what the kube source would get from the API server with the
+/// same flags: another proxy's Services and slices and the Nodes outside `--node-selector` are
+/// left out; headless slices are kept.
+#[tokio::test]
+async fn filters_like_the_api_server_would() {
+    let dir = TempDir::new();
+    let svc = |name: &str, labels: &str| {
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default, labels: {{{labels}}}}}\nspec: {{clusterIP: None, ports: [{{port: 80}}]}}\n---\n")
+    };
+    let slice = |name: &str, labels: &str| {
+        format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: default, labels: {{{labels}}}}}\naddressType: IPv4\nendpoints: []\n---\n")
+    };
+    let node = |name: &str, pool: &str| format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{pool: {pool}}}}}\n---\n");
+    let proxy = "service.kubernetes.io/service-proxy-name";
+    let headless = "service.kubernetes.io/headless: ''";
+    write(&dir, "all.yaml", &[
+        svc("plain", ""),
+        svc("ours", &format!("{proxy}: dp")),
+        svc("mesh", &format!("{proxy}: mesh")),
+        slice("plain-1", &format!("kubernetes.io/service-name: plain, {headless}")),
+        slice("ours-1", &format!("kubernetes.io/service-name: ours, {proxy}: dp")),
+        slice("mesh-1", &format!("kubernetes.io/service-name: mesh, {proxy}: mesh")),
+        node("a", "blue"),
+        node("b", "green"),
+    ].concat());
+    let names = |s: &source::SourceState| {
+        let o = s.objects.as_ref().unwrap();
+        let n = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| m.name.clone().unwrap();
+        (
+            o.services.iter().map(|s| n(&s.metadata)).collect::<Vec<_>>(),
+            o.endpoint_slices.iter().map(|s| n(&s.metadata)).collect::<Vec<_>>(),
+            o.nodes.iter().map(|s| n(&s.metadata)).collect::<Vec<_>>(),
+        )
+    };
+    for (filter, want) in [
+        (Filter::default(), (vec!["plain"], vec!["plain-1"], vec!["a", "b"])),
+        (Filter { service_proxy_name: Some("dp".into()), nodes: parse_selector("pool=blue").unwrap() }, (vec!["ours"], vec!["ours-1"], vec!["a"])),
+    ] {
+        let (tx, mut rx) = source::channel();
+        let task = tokio::spawn(manifests::run(dir.0.clone(), Duration::from_millis(20), filter, tx));
+        let state = next(&mut rx).await;
+        let (s, e, n) = names(&state);
+        assert_eq!((s, e, n), (want.0.iter().map(|s| s.to_string()).collect(), want.1.iter().map(|s| s.to_string()).collect(), want.2.iter().map(|s| s.to_string()).collect()));
+        task.abort();
+    }
 }

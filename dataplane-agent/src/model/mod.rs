@@ -257,12 +257,11 @@ pub fn build(objects: &ClusterObjects, config: &ModelConfig) -> DesiredState {
 }
 
 /// kube-proxy watches with `!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless`;
-/// we do the same, except that the label naming this agent's proxy name is accepted.
+/// we accept the label naming this agent's proxy name, and keep headless slices (they have no
+/// frontends, and DNS needs their endpoints). The sources filter the same way (`source::filter`);
+/// this keeps the model right for objects from anywhere else.
 fn is_ours(labels: Option<&BTreeMap<String, String>>, proxy_name: Option<&str>) -> bool {
     let Some(labels) = labels else { return true };
-    if labels.contains_key(LABEL_HEADLESS) {
-        return false;
-    }
     match labels.get(LABEL_SERVICE_PROXY_NAME) {
         None => true,
         Some(v) => Some(v.as_str()) == proxy_name,

@@ -350,9 +350,16 @@ fn cases() -> Vec<Case> {
             expect: &[],
         },
         Case {
-            name: "headless label on a slice: the slice is ignored",
-            objects: vec![web(), with(web_eps(vec![ep("10.244.1.5", "node-b", "")]), "metadata.labels", json!({LABEL_SERVICE_NAME: "web", LABEL_HEADLESS: ""}))],
-            expect: &["default/web ClusterIP http/TCP:80 fe=[10.96.0.10:80 ClusterIP] cluster=[]"],
+            name: "headless label on a slice (as the EndpointSlice controller sets it): endpoints kept for DNS",
+            objects: vec![
+                svc("db", json!({"clusterIP": "None", "ports": [tcp("pg", 5432)]})),
+                with(
+                    slice("db-a", "db", "IPv4", json!([tcp("pg", 5432)]), vec![ep("10.244.1.9", "node-b", "R")]),
+                    "metadata.labels",
+                    json!({LABEL_SERVICE_NAME: "db", LABEL_HEADLESS: ""}),
+                ),
+            ],
+            expect: &["default/db Headless pg/Tcp:5432 fe=[] cluster=[10.244.1.9:5432]"],
         },
         Case {
             name: "dual-stack: one frontend and one backend set per family",

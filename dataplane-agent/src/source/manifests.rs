@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 
 use super::documents::{self, Doc, DocText, Object};
+use super::filter::Filter;
 use super::{Publisher, SourceState};
 use crate::model::ClusterObjects;
 
@@ -209,10 +210,10 @@ fn fingerprint(dir: &Path) -> Result<Vec<(PathBuf, Stamp)>, ManifestError> {
     manifest_files(dir)?.into_iter().map(|p| Ok((p.clone(), stamp(&p)?))).collect()
 }
 
-/// Polls `dir` every `interval` and publishes a new snapshot whenever its content changed.
-/// Polling (rather than inotify) also works on the bind mounts and ConfigMap volumes where the
-/// files are swapped by symlink, and costs a few `stat` calls per interval.
-pub async fn run(dir: PathBuf, interval: Duration, tx: Publisher) {
+/// Polls `dir` every `interval` and publishes a new snapshot, of the objects `filter` passes,
+/// whenever its content changed. Polling (rather than inotify) also works on the bind mounts and
+/// ConfigMap volumes where the files are swapped by symlink, and costs a few `stat` calls per interval.
+pub async fn run(dir: PathBuf, interval: Duration, filter: Filter, tx: Publisher) {
     let mut last_fp = None;
     let mut cache = DirCache::default();
     let mut ticker = tokio::time::interval(interval);
@@ -228,7 +229,7 @@ pub async fn run(dir: PathBuf, interval: Duration, tx: Publisher) {
         let started = std::time::Instant::now();
         let result = cache.load(&dir);
         tracing::debug!(ms = started.elapsed().as_secs_f64() * 1000.0, ok = result.is_ok(), "manifests read");
-        publish(&tx, result);
+        publish(&tx, result.map(|objects| filter.apply(objects)));
         last_fp = Some(fp);
         if tx.is_closed() {
             return;
@@ -243,11 +244,13 @@ pub fn publish(tx: &Publisher, result: Result<ClusterObjects, ManifestError>) {
         Ok(objects) => {
             state.objects = Some(Arc::new(objects));
             state.last_error = None;
+            state.failing_since_unix_ms = None;
         }
         Err(e) => {
             let msg = crate::errors::error_chain(&e);
             tracing::warn!(error = %msg, "manifests not applied; keeping the last good state");
             state.last_error = Some(msg);
+            state.failing_since_unix_ms.get_or_insert_with(super::now_unix_ms);
         }
     });
 }
