@@ -2,14 +2,12 @@
 //! node's cgroup, which holds the Pods' cgroups) pick a backend at connect()/sendmsg() time. Local
 //! and remote backends both get a share, over TCP and UDP, with no NAT (the backend sees the client
 //! Pod's address); a Service without endpoints refuses.
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 
 use dataplane_tests::{
     cluster::{Cluster, ECHO_PORT, Reply, Service, tally},
     require_kernel,
 };
-
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
 #[test]
 fn pod_to_clusterip_tcp_and_udp_reaches_local_and_remote_backends() {
@@ -21,9 +19,9 @@ fn pod_to_clusterip_tcp_and_udp_reaches_local_and_remote_backends() {
     let backends = [c.add_pod(0, "web-a").unwrap(), c.add_pod(0, "web-b").unwrap(), c.add_pod(1, "web-c").unwrap(), c.add_pod(2, "web-d").unwrap()];
     let client = c.add_pod(0, "client").unwrap();
     let eps: Vec<_> = backends.iter().map(|b| c.endpoint(*b)).collect();
-    c.apply(Service::new("web", VIP, 80, ECHO_PORT).endpoints(eps)).unwrap();
+    let svc = c.apply(Service::new("web", 80, ECHO_PORT).endpoints(eps)).unwrap();
     let client_ip = c.pod(client).ip;
-    let vip = SocketAddr::from((VIP, 80));
+    let vip = SocketAddr::from((svc.vip(), 80));
     for (proto, replies) in [("tcp", c.pod(client).tcp(vip, 60).unwrap()), ("udp", c.pod(client).udp(vip, 60).unwrap())] {
         let counts = tally(&replies);
         eprintln!("{proto}: {counts:?}");
@@ -47,8 +45,8 @@ fn service_without_endpoints_refuses() {
     }
     let mut c = Cluster::start(2).unwrap();
     let client = c.add_pod(0, "client").unwrap();
-    c.apply(Service::new("empty", VIP, 80, ECHO_PORT)).unwrap();
-    let replies = c.pod(client).tcp(SocketAddr::from((VIP, 80)), 3).unwrap();
+    let vip = SocketAddr::from((c.apply(Service::new("empty", 80, ECHO_PORT)).unwrap().vip(), 80));
+    let replies = c.pod(client).tcp(vip, 3).unwrap();
     for r in &replies {
         // Refused at connect() (as kube-proxy's REJECT does), not a silent timeout.
         assert_eq!(r.error_kind(), Some("refused"), "{replies:?}");
@@ -56,7 +54,7 @@ fn service_without_endpoints_refuses() {
     // Once it has an endpoint, the same address answers: the refusal came from "no endpoints".
     let web = c.add_pod(1, "web").unwrap();
     let ep = c.endpoint(web);
-    c.apply(Service::new("empty", VIP, 80, ECHO_PORT).endpoints([ep])).unwrap();
-    let replies = c.pod(client).tcp(SocketAddr::from((VIP, 80)), 3).unwrap();
+    c.apply(Service::new("empty", 80, ECHO_PORT).endpoints([ep])).unwrap();
+    let replies = c.pod(client).tcp(vip, 3).unwrap();
     assert_eq!(tally(&replies).get("web"), Some(&3), "{replies:?}");
 }

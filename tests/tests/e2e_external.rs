@@ -12,8 +12,6 @@ use dataplane_tests::{
     require_kernel,
 };
 
-const NODE_PORT: u16 = 30080;
-
 /// Every reply OK; returns them as (pod, client IP seen).
 fn answered(what: &str, replies: &[Reply]) -> Vec<(String, IpAddr)> {
     replies
@@ -34,10 +32,10 @@ fn nodeport_on_every_node_reaches_local_and_remote_backends() {
     let a = c.add_pod(0, "web-1").unwrap();
     let b = c.add_pod(1, "web-2").unwrap();
     let eps = [c.endpoint(a), c.endpoint(b)];
-    c.apply(Service::new("web", Ipv4Addr::new(10, 96, 0, 20), 80, ECHO_PORT).node_port(NODE_PORT).endpoints(eps)).unwrap();
+    let node_port = c.apply(Service::new("web", 80, ECHO_PORT).node_port().endpoints(eps)).unwrap().node_port.unwrap();
     let home = |pod: &str| if pod == "web-1" { 0 } else { 1 };
     for (i, node) in c.nodes.iter().enumerate() {
-        let addr = SocketAddr::from((node.ip, NODE_PORT));
+        let addr = SocketAddr::from((node.ip, node_port));
         let tcp = answered(&format!("tcp to {}", node.name), &c.client.tcp(addr, 30).unwrap());
         let udp = answered(&format!("udp to {}", node.name), &c.client.udp(addr, 10).unwrap());
         let pods: BTreeSet<&str> = tcp.iter().map(|(p, _)| p.as_str()).collect();
@@ -60,16 +58,16 @@ fn external_traffic_policy_local_answers_only_on_backend_nodes_and_keeps_client_
     let a = c.add_pod(1, "local-a").unwrap();
     let b = c.add_pod(1, "local-b").unwrap();
     let eps = [c.endpoint(a), c.endpoint(b)];
-    c.apply(Service::new("web", Ipv4Addr::new(10, 96, 0, 21), 80, ECHO_PORT).node_port(NODE_PORT).external_traffic_local().endpoints(eps)).unwrap();
-    let replies = c.client.tcp(SocketAddr::from((c.nodes[1].ip, NODE_PORT)), 30).unwrap();
-    let on_backend_node = answered("node-2", &replies);
+    let node_port = c.apply(Service::new("web", 80, ECHO_PORT).node_port().external_traffic_local().endpoints(eps)).unwrap().node_port.unwrap();
+    let replies = c.client.tcp(SocketAddr::from((c.nodes[1].ip, node_port)), 30).unwrap();
+    let on_backend_node = answered(&c.nodes[1].name, &replies);
     let counts = tally(&replies);
     assert!(counts.contains_key("local-a") && counts.contains_key("local-b"), "both local backends answer: {counts:?}");
     for (pod, seen) in &on_backend_node {
         assert_eq!(*seen, IpAddr::V4(CLIENT_IP), "{pod} saw {seen}: eTP Local must keep the client address");
     }
     for i in [0, 2] {
-        let replies = c.client.tcp(SocketAddr::from((c.nodes[i].ip, NODE_PORT)), 2).unwrap();
+        let replies = c.client.tcp(SocketAddr::from((c.nodes[i].ip, node_port)), 2).unwrap();
         assert!(replies.iter().all(|r| !r.is_ok()), "{} has no backend and must not answer: {replies:?}", c.nodes[i].name);
     }
 }
@@ -86,7 +84,7 @@ fn load_balancer_ingress_ip_and_external_ip_are_served() {
     let ext = Ipv4Addr::new(192, 168, 202, 10);
     let eps = [c.endpoint(a), c.endpoint(b)];
     c.apply(
-        Service::new("web", Ipv4Addr::new(10, 96, 0, 22), 80, ECHO_PORT).load_balancer(NODE_PORT, &[lb]).external_ips(&[ext]).endpoints(eps),
+        Service::new("web", 80, ECHO_PORT).load_balancer(&[lb]).external_ips(&[ext]).endpoints(eps),
     )
     .unwrap();
     // An upstream router would send the LoadBalancer IP to node-1 and the externalIP to node-3.

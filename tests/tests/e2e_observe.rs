@@ -5,7 +5,7 @@
 //! `dataplane_drops_total{reason="no_backend"}` (and as socket-LB refusals); `status` reports each
 //! map's fill level matching what was programmed, also while the agent is down; the counters are
 //! pinned, so they survive an agent restart.
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 
 use dataplane_tests::{
     cluster::{Cluster, ECHO_PORT, Node, Reply, Service, tally},
@@ -13,10 +13,6 @@ use dataplane_tests::{
 };
 use serde_json::Value;
 
-const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
-const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 41);
-const WEB_NODE_PORT: u16 = 30090;
-const EMPTY_NODE_PORT: u16 = 30091;
 
 fn scrape(node: &Node) -> String {
     node.metrics().unwrap()
@@ -38,8 +34,8 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
     found[0]
 }
 
-fn svc_labels<'a>(service: &'a str, kind: &'a str, protocol: &'a str) -> [(&'a str, &'a str); 4] {
-    [("namespace", "default"), ("service", service), ("kind", kind), ("protocol", protocol)]
+fn svc_labels<'a>(namespace: &'a str, service: &'a str, kind: &'a str, protocol: &'a str) -> [(&'a str, &'a str); 4] {
+    [("namespace", namespace), ("service", service), ("kind", kind), ("protocol", protocol)]
 }
 
 fn all_ok(what: &str, replies: &[Reply]) {
@@ -72,25 +68,28 @@ fn metrics_and_status_show_service_traffic_socket_lb_drops_and_fill_levels() {
     let web = c.add_pod(0, "web").unwrap();
     let client = c.add_pod(0, "client").unwrap();
     let ep = c.endpoint(web);
-    c.apply(Service::new("web", WEB_VIP, 80, ECHO_PORT).node_port(WEB_NODE_PORT).endpoints([ep])).unwrap();
-    c.apply(Service::new("empty", EMPTY_VIP, 80, ECHO_PORT).node_port(EMPTY_NODE_PORT)).unwrap();
+    let web_svc = c.apply(Service::new("web", 80, ECHO_PORT).node_port().endpoints([ep])).unwrap();
+    let empty_svc = c.apply(Service::new("empty", 80, ECHO_PORT).node_port()).unwrap();
+    let (web_vip, web_node_port) = (web_svc.vip(), web_svc.node_port.unwrap());
+    let (empty_vip, empty_node_port) = (empty_svc.vip(), empty_svc.node_port.unwrap());
+    let ns = c.namespace().to_owned();
     let node = &c.nodes[0];
     let before = scrape(node);
-    let web_np_tcp = svc_labels("web", "NodePort", "TCP");
-    let web_cip_tcp = svc_labels("web", "ClusterIP", "TCP");
-    let web_cip_udp = svc_labels("web", "ClusterIP", "UDP");
-    let empty_cip_tcp = svc_labels("empty", "ClusterIP", "TCP");
+    let web_np_tcp = svc_labels(&ns, "web", "NodePort", "TCP");
+    let web_cip_tcp = svc_labels(&ns, "web", "ClusterIP", "TCP");
+    let web_cip_udp = svc_labels(&ns, "web", "ClusterIP", "UDP");
+    let empty_cip_tcp = svc_labels(&ns, "empty", "ClusterIP", "TCP");
     let no_backend = [("reason", "no_backend")];
 
     // External client -> NodePort: XDP DNATs the requests, TC on the Pod veth reverse-NATs the replies.
-    all_ok("nodeport", &c.client.tcp(SocketAddr::from((node.ip, WEB_NODE_PORT)), 10).unwrap());
+    all_ok("nodeport", &c.client.tcp(SocketAddr::from((node.ip, web_node_port)), 10).unwrap());
     // Pod -> ClusterIP: the socket hooks pick the backend at connect()/sendmsg().
-    all_ok("clusterip tcp", &c.pod(client).tcp(SocketAddr::from((WEB_VIP, 80)), 7).unwrap());
-    all_ok("clusterip udp", &c.pod(client).udp(SocketAddr::from((WEB_VIP, 80)), 5).unwrap());
+    all_ok("clusterip tcp", &c.pod(client).tcp(SocketAddr::from((web_vip, 80)), 7).unwrap());
+    all_ok("clusterip udp", &c.pod(client).udp(SocketAddr::from((web_vip, 80)), 5).unwrap());
     // No endpoints: the NodePort's datagrams are dropped by XDP, the ClusterIP connect is refused.
-    let lost = c.client.udp(SocketAddr::from((node.ip, EMPTY_NODE_PORT)), 2).unwrap();
+    let lost = c.client.udp(SocketAddr::from((node.ip, empty_node_port)), 2).unwrap();
     assert!(lost.iter().all(|r| !r.is_ok()), "{lost:?}");
-    let refused = c.pod(client).tcp(SocketAddr::from((EMPTY_VIP, 80)), 3).unwrap();
+    let refused = c.pod(client).tcp(SocketAddr::from((empty_vip, 80)), 3).unwrap();
     assert!(refused.iter().all(|r| r.error_kind() == Some("refused")), "{refused:?}");
 
     let after = scrape(node);
@@ -135,7 +134,7 @@ fn metrics_and_status_show_service_traffic_socket_lb_drops_and_fill_levels() {
     let restarted = scrape(&c.nodes[0]);
     assert!(sample(&restarted, "dataplane_service_packets_total", &web_np_tcp) >= sample(&after, "dataplane_service_packets_total", &web_np_tcp));
     assert_eq!(sample(&restarted, "dataplane_drops_total", &no_backend), sample(&after, "dataplane_drops_total", &no_backend));
-    all_ok("clusterip after restart", &c.pod(client).tcp(SocketAddr::from((WEB_VIP, 80)), 2).unwrap());
+    all_ok("clusterip after restart", &c.pod(client).tcp(SocketAddr::from((web_vip, 80)), 2).unwrap());
     let later = scrape(&c.nodes[0]);
     assert_eq!(
         sample(&later, "dataplane_service_socket_connects_total", &web_cip_tcp) - sample(&after, "dataplane_service_socket_connects_total", &web_cip_tcp),

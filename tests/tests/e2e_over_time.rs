@@ -2,7 +2,7 @@
 //! backend under load, and restarting (kill -9) an agent under steady load.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{SocketAddr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
@@ -12,8 +12,6 @@ use dataplane_tests::{
     require_kernel,
 };
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
-const NODE_PORT: u16 = 30090;
 
 fn three_backends(c: &mut Cluster) -> Vec<PodId> {
     (0..3).map(|i| c.add_pod(i, &format!("web-{}", i + 1)).unwrap()).collect()
@@ -29,8 +27,8 @@ fn session_affinity_sticks_within_its_timeout_and_moves_after() {
     let client = c.add_pod(0, "client").unwrap();
     let eps: Vec<_> = backends.iter().map(|b| c.endpoint(*b)).collect();
     let timeout_s = 1;
-    c.apply(Service::new("sticky", VIP, 80, ECHO_PORT).affinity(timeout_s).endpoints(eps)).unwrap();
-    let vip = SocketAddr::from((VIP, 80));
+    let svc = c.apply(Service::new("sticky", 80, ECHO_PORT).affinity(timeout_s).endpoints(eps)).unwrap();
+    let vip = SocketAddr::from((svc.vip(), 80));
     let mut chosen = Vec::new();
     // After each idle gap longer than the timeout the client gets a fresh, uniformly random pick;
     // with 3 backends, 16 picks all landing on one backend has probability (1/3)^15 < 1e-7 (eight
@@ -63,12 +61,12 @@ fn removed_backend_gets_no_new_connections_within_1s_while_others_live_on() {
     let backends = three_backends(&mut c);
     let client = c.add_pod(0, "client").unwrap();
     let eps: Vec<_> = backends.iter().map(|b| c.endpoint(*b)).collect();
-    c.apply(Service::new("web", VIP, 80, ECHO_PORT).endpoints(eps.clone())).unwrap();
-    let vip = SocketAddr::from((VIP, 80));
+    let svc = c.apply(Service::new("web", 80, ECHO_PORT).endpoints(eps.clone())).unwrap();
+    let vip = SocketAddr::from((svc.vip(), 80));
     let held = c.pod(client).hold(vip, 9, Duration::from_millis(3000), Duration::from_millis(50)).unwrap();
 
     let started = Instant::now();
-    c.apply(Service::new("web", VIP, 80, ECHO_PORT).endpoints(eps[..2].to_vec())).unwrap();
+    c.apply(Service::new("web", 80, ECHO_PORT).endpoints(eps[..2].to_vec())).unwrap();
     let synced = started.elapsed();
     let after = c.pod(client).tcp(vip, 30).unwrap();
     let counts = tally(&after);
@@ -114,9 +112,9 @@ fn agent_restart_under_load_loses_no_connection() {
     let backends = three_backends(&mut c);
     let client = c.add_pod(0, "client").unwrap();
     let eps: Vec<_> = backends.iter().map(|b| c.endpoint(*b)).collect();
-    c.apply(Service::new("web", VIP, 80, ECHO_PORT).node_port(NODE_PORT).endpoints(eps)).unwrap();
-    let vip = SocketAddr::from((VIP, 80));
-    let nodeport = SocketAddr::from((c.nodes[0].ip, NODE_PORT));
+    let svc = c.apply(Service::new("web", 80, ECHO_PORT).node_port().endpoints(eps)).unwrap();
+    let vip = SocketAddr::from((svc.vip(), 80));
+    let nodeport = SocketAddr::from((c.nodes[0].ip, svc.node_port.unwrap()));
     // Long-lived connections through both paths of node-1: socket LB (Pod -> ClusterIP) and XDP
     // with conntrack and SNAT (external client -> NodePort, some to remote backends).
     let duration = Duration::from_millis(4000);

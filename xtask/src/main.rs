@@ -35,8 +35,13 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Set up, build, and run the demo: real traffic through the data plane in test namespaces.
-    Demo,
+    /// Set up, build, and run the demo: a real kube-apiserver and a 3-node virtual cluster in
+    /// network namespaces, with real traffic through the data plane.
+    Demo {
+        /// Feed the agents a manifests directory instead of the API server (no Kubernetes binaries).
+        #[arg(long)]
+        standalone: bool,
+    },
     /// Run a benchmark in release mode and write target/bench/<name>.json.
     Bench {
         /// Which benchmark.
@@ -58,9 +63,9 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             test::run(&args)
         }
-        Command::Demo => {
+        Command::Demo { standalone } => {
             setup::run()?;
-            demo::run()
+            demo::run(standalone)
         }
         Command::Bench { name } => {
             setup::run()?;

@@ -1,21 +1,20 @@
-//! `cargo xtask demo`: a 3-node virtual cluster on this machine, a sample app behind a ClusterIP
-//! and a NodePort Service, real requests through both, and how they were balanced.
+//! `cargo xtask demo`: a real Kubernetes control plane (kube-apiserver, etcd,
+//! kube-controller-manager v1.34.9) and a 3-node virtual cluster on this machine whose agents run
+//! on the API server; a sample app behind a ClusterIP and a NodePort Service, real requests through
+//! both, and how they were balanced. `--standalone` runs the same with the agents reading a
+//! manifests directory instead (no Kubernetes binaries).
 //!
 //! Everything lives in network namespaces, cgroups and bpffs directories named `dpt-<pid>-<n>`,
 //! and is removed at the end, also when a step fails. After a Ctrl-C (no destructors run), the
 //! next `cargo xtask test` or `dpt-sweep` removes what is left.
-use std::{
-    collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
-    time::Instant,
-};
+use std::{collections::BTreeMap, net::SocketAddr, time::Instant};
 
 use anyhow::Context;
-use dataplane_tests::cluster::{CLIENT_IP, Cluster, ECHO_PORT, Reply, Service, tally};
+use dataplane_tests::{
+    cluster::{CLIENT_IP, Cluster, ECHO_PORT, Reply, Service, Source, tally},
+    k8s::{ControlPlane, Options},
+};
 
-const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const NODEPORT_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
-const NODE_PORT: u16 = 30080;
 const REQUESTS: u32 = 30;
 
 fn step(msg: &str) {
@@ -53,9 +52,22 @@ fn show(replies: &[Reply]) {
 
 fn main() -> anyhow::Result<()> {
     dataplane_tests::kernel_available().map_err(|e| anyhow::anyhow!("the demo needs root and a BPF kernel: {e}"))?;
+    let standalone = std::env::args().skip(1).any(|a| a == "--standalone");
     let started = Instant::now();
-    step("starting a 3-node virtual cluster (network namespaces on one bridge, one agent per node)");
-    let mut c = Cluster::start_with(3, progress).context("starting the cluster")?;
+    let cp = if standalone {
+        None
+    } else {
+        step("starting a real control plane: etcd, kube-apiserver and kube-controller-manager v1.34.9, in their own network namespace");
+        let cp = ControlPlane::start(Options::default()).context("starting the control plane")?;
+        progress("manifests/rbac.yaml applied; the agents authenticate as ServiceAccount kube-system/dataplane-agent");
+        Some(cp)
+    };
+    let source = cp.as_ref().map_or(Source::Manifests, |cp| Source::Api(&cp.access));
+    step(match source {
+        Source::Manifests => "starting a 3-node virtual cluster (network namespaces on one bridge, one agent per node reading a manifests directory)",
+        _ => "starting a 3-node virtual cluster (network namespaces on one bridge, one agent per node on the API server)",
+    });
+    let mut c = Cluster::start_with(3, source, progress).context("starting the cluster")?;
     for n in &c.nodes {
         progress(&format!("{} is up: InternalIP {}, podCIDR {}, agent synced", n.name, n.ip, n.pod_cidr));
     }
@@ -69,13 +81,26 @@ fn main() -> anyhow::Result<()> {
         backends.push(id);
     }
     let client = c.add_pod(0, "client").context("creating the client Pod")?;
-    progress(&format!("client on node-1 has IP {}", c.pod(client).ip));
+    progress(&format!("client on {} has IP {}", c.nodes[0].name, c.pod(client).ip));
     let endpoints: Vec<_> = backends.iter().map(|b| c.endpoint(*b)).collect();
-    c.apply(Service::new("echo", CLUSTER_IP, 80, ECHO_PORT).endpoints(endpoints.clone())).context("Service echo")?;
-    progress(&format!("Service echo: ClusterIP {CLUSTER_IP}:80 (TCP+UDP) -> :{ECHO_PORT} of the 3 Pods"));
-    c.apply(Service::new("echo-nodeport", NODEPORT_CLUSTER_IP, 80, ECHO_PORT).node_port(NODE_PORT).endpoints(endpoints))
-        .context("Service echo-nodeport")?;
-    progress(&format!("Service echo-nodeport: NodePort {NODE_PORT} on every node -> the same 3 Pods"));
+    let cluster_ip = c.apply(Service::new("echo", 80, ECHO_PORT).endpoints(endpoints.clone())).context("Service echo")?.vip();
+    progress(&format!("Service echo: ClusterIP {cluster_ip}:80 (TCP+UDP) -> :{ECHO_PORT} of the 3 Pods"));
+    let node_port = c
+        .apply(Service::new("echo-nodeport", 80, ECHO_PORT).node_port().endpoints(endpoints))
+        .context("Service echo-nodeport")?
+        .node_port
+        .context("no NodePort allocated")?;
+    progress(&format!("Service echo-nodeport: NodePort {node_port} on every node -> the same 3 Pods"));
+
+    if let Some(cp) = &cp {
+        step(&format!("`kubectl get nodes,pods,services,endpointslices -n {}` on the real API server", c.namespace()));
+        let mut cmd = cp.access.kubectl();
+        cmd.args(["get", "nodes,pods,services,endpointslices", "-o", "wide", "-n", c.namespace()]);
+        match cmd.output() {
+            Ok(out) => print!("{}", String::from_utf8_lossy(&out.stdout).lines().map(|l| format!("   {l}\n")).collect::<String>()),
+            Err(e) => println!("   (could not run kubectl: {e})"),
+        }
+    }
 
     step("`dataplane-agent services` on node-1 (read from the pinned eBPF maps)");
     let pins = c.nodes[0].pins.path().display().to_string();
@@ -84,18 +109,18 @@ fn main() -> anyhow::Result<()> {
         Err(e) => println!("   (could not run it: {e})"),
     }
 
-    step(&format!("client Pod -> ClusterIP {CLUSTER_IP}:80, {REQUESTS} TCP connections (socket-level LB, no NAT: backends see the Pod's IP)"));
-    let vip = SocketAddr::from((CLUSTER_IP, 80));
+    step(&format!("client Pod -> ClusterIP {cluster_ip}:80, {REQUESTS} TCP connections (socket-level LB, no NAT: backends see the Pod's IP)"));
+    let vip = SocketAddr::from((cluster_ip, 80));
     show(&c.pod(client).tcp(vip, REQUESTS)?);
-    step(&format!("client Pod -> ClusterIP {CLUSTER_IP}:80, {REQUESTS} UDP datagrams (each from a new socket)"));
+    step(&format!("client Pod -> ClusterIP {cluster_ip}:80, {REQUESTS} UDP datagrams (each from a new socket)"));
     show(&c.pod(client).udp(vip, REQUESTS)?);
 
     for n in &c.nodes {
         step(&format!(
-            "external client {CLIENT_IP} -> NodePort {}:{NODE_PORT}, {REQUESTS} TCP connections (XDP on {}'s uplink; remote backends see the node's IP: SNAT)",
+            "external client {CLIENT_IP} -> NodePort {}:{node_port}, {REQUESTS} TCP connections (XDP on {}'s uplink; remote backends see the node's IP: SNAT)",
             n.ip, n.name
         ));
-        show(&c.client.tcp(SocketAddr::from((n.ip, NODE_PORT)), REQUESTS)?);
+        show(&c.client.tcp(SocketAddr::from((n.ip, node_port)), REQUESTS)?);
     }
 
     step("node-1's /metrics after that traffic: per-Service counters (non-zero series) and drops by reason");
@@ -116,8 +141,9 @@ fn main() -> anyhow::Result<()> {
         Err(e) => println!("   (could not scrape it: {e})"),
     }
 
-    step("tearing down: Pods (CNI DEL), agents, namespaces, cgroups, pins");
+    step("tearing down: Pods (CNI DEL), agents, namespaces, cgroups, pins, the control plane");
     drop(c);
+    drop(cp);
     println!("\ndone in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }

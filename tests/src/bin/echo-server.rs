@@ -12,6 +12,10 @@
 //!   per connection at the end with its backend, request count and first error (a connection
 //!   whose backend changed counts as failed: the connection was silently re-routed).
 //!
+//! - `echo-server steady ADDR MILLIS INTERVAL_MS`: a fresh TCP connection every INTERVAL_MS for
+//!   MILLIS (one request each, timeout 1 s), then one line: `{"ok":N,"failed":M,"errors":[..]}`
+//!   with the first failures and when they happened (ms since start).
+//!
 //! Clients run as separate processes so that they can be placed in a Pod's netns *and cgroup*:
 //! the node's cgroup socket programs only see processes inside the node's cgroup sub-tree.
 use std::{
@@ -32,9 +36,10 @@ fn main() -> ExitCode {
         ["hold", addr, conns, millis, interval] => {
             hold(parse(addr, "ADDR"), parse(conns, "CONNS"), parse(millis, "MILLIS"), parse(interval, "INTERVAL_MS"))
         }
+        ["steady", addr, millis, interval] => steady(parse(addr, "ADDR"), parse(millis, "MILLIS"), parse(interval, "INTERVAL_MS")),
         _ => {
             eprintln!(
-                "usage: echo-server serve NAME PORT | tcp ADDR COUNT [TIMEOUT_MS] | udp ADDR COUNT [TIMEOUT_MS] | hold ADDR CONNS MILLIS INTERVAL_MS"
+                "usage: echo-server serve NAME PORT | tcp ADDR COUNT [TIMEOUT_MS] | udp ADDR COUNT [TIMEOUT_MS] | hold ADDR CONNS MILLIS INTERVAL_MS | steady ADDR MILLIS INTERVAL_MS"
             );
             return ExitCode::from(2);
         }
@@ -190,5 +195,32 @@ fn hold(addr: SocketAddr, conns: usize, millis: u64, interval_ms: u64) -> std::i
     for (_, _, backend, asked, failed) in open {
         print(json!({"backend": backend, "asked": asked, "failed": failed}));
     }
+    Ok(())
+}
+
+fn steady(addr: SocketAddr, millis: u64, interval_ms: u64) -> std::io::Result<()> {
+    let start = Instant::now();
+    let end = start + Duration::from_millis(millis);
+    let (mut ok, mut failed, mut errors) = (0u64, 0u64, Vec::new());
+    let mut next = start;
+    while Instant::now() < end {
+        match connect(addr, Duration::from_secs(1)).and_then(|(mut s, mut r)| ask(&mut s, &mut r)) {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                failed += 1;
+                if errors.len() < 10 {
+                    let mut v = error(&e);
+                    v["at_ms"] = json!(start.elapsed().as_millis() as u64);
+                    errors.push(v);
+                }
+            }
+        }
+        // A fixed schedule, not a fixed pause: a slow attempt does not thin out the load.
+        next += Duration::from_millis(interval_ms);
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    print(json!({"ok": ok, "failed": failed, "errors": errors}));
     Ok(())
 }

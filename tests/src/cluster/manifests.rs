@@ -1,10 +1,10 @@
-//! The cluster as Kubernetes objects: Nodes, Services and EndpointSlices, rendered as the JSON the
-//! agent's standalone source reads (`--manifests DIR`). Pure: no I/O here.
+//! The cluster as Kubernetes objects: Nodes, Services and EndpointSlices, rendered as JSON for the
+//! API server (or the agent's standalone source, `--manifests DIR`). Pure: no I/O here.
 use std::net::Ipv4Addr;
 
 use serde_json::{Value, json};
 
-/// Namespace of every Service the harness writes.
+/// Namespace of every Service the harness writes in standalone mode.
 pub const NAMESPACE: &str = "default";
 
 /// A Node as the agent sees it.
@@ -49,10 +49,12 @@ pub struct Endpoint {
 pub struct Service {
     pub name: String,
     pub kind: ServiceType,
-    pub cluster_ip: Ipv4Addr,
+    /// Allocated when the Service is first applied (by the API server, or the harness standalone).
+    pub cluster_ip: Option<Ipv4Addr>,
     pub port: u16,
     pub target_port: u16,
-    /// Used for both the TCP and the UDP port (Kubernetes allows that).
+    /// Used for both the TCP and the UDP port (Kubernetes allows that); allocated when first
+    /// applied.
     pub node_port: Option<u16>,
     pub external_traffic_local: bool,
     pub external_ips: Vec<Ipv4Addr>,
@@ -63,12 +65,12 @@ pub struct Service {
 }
 
 impl Service {
-    /// A ClusterIP Service `name` on `cluster_ip:port`, to `target_port` of its endpoints.
-    pub fn new(name: &str, cluster_ip: Ipv4Addr, port: u16, target_port: u16) -> Service {
+    /// A ClusterIP Service `name` on `port`, to `target_port` of its endpoints.
+    pub fn new(name: &str, port: u16, target_port: u16) -> Service {
         Service {
             name: name.to_owned(),
             kind: ServiceType::ClusterIP,
-            cluster_ip,
+            cluster_ip: None,
             port,
             target_port,
             node_port: None,
@@ -80,18 +82,31 @@ impl Service {
         }
     }
 
-    pub fn node_port(mut self, port: u16) -> Service {
+    /// type NodePort (the port is allocated when applied).
+    pub fn node_port(mut self) -> Service {
         self.kind = ServiceType::NodePort;
-        self.node_port = Some(port);
         self
     }
 
-    /// type LoadBalancer with this NodePort and `status.loadBalancer.ingress` IPs.
-    pub fn load_balancer(mut self, node_port: u16, ingress: &[Ipv4Addr]) -> Service {
+    /// type LoadBalancer with `status.loadBalancer.ingress` IPs.
+    pub fn load_balancer(mut self, ingress: &[Ipv4Addr]) -> Service {
         self.kind = ServiceType::LoadBalancer;
-        self.node_port = Some(node_port);
         self.lb_ingress = ingress.to_vec();
         self
+    }
+
+    /// The ClusterIP frontend, once allocated.
+    pub fn vip(&self) -> Ipv4Addr {
+        self.cluster_ip.expect("the Service has been applied")
+    }
+
+    /// Namespace and labels: in cluster `cluster` (its namespace, handled by its agents only), or
+    /// standalone.
+    fn meta(&self, cluster: Option<&str>, name: String) -> Value {
+        match cluster {
+            Some(c) => json!({"name": name, "namespace": c, "labels": {super::objects::PROXY_NAME_LABEL: c}}),
+            None => json!({"name": name, "namespace": NAMESPACE, "labels": {}}),
+        }
     }
 
     pub fn external_ips(mut self, ips: &[Ipv4Addr]) -> Service {
@@ -114,8 +129,8 @@ impl Service {
         self
     }
 
-    /// The Service object.
-    pub fn service(&self) -> Value {
+    /// The Service object (see [`Service::meta`] for `cluster`).
+    pub fn service(&self, cluster: Option<&str>) -> Value {
         let ports: Vec<Value> = ["TCP", "UDP"]
             .iter()
             .map(|proto| {
@@ -131,14 +146,13 @@ impl Service {
             ServiceType::NodePort => "NodePort",
             ServiceType::LoadBalancer => "LoadBalancer",
         };
-        let mut spec = json!({
-            "type": kind,
-            "clusterIP": self.cluster_ip.to_string(),
-            "clusterIPs": [self.cluster_ip.to_string()],
-            "ipFamilies": ["IPv4"],
-            "ports": ports,
-            "selector": {"app": self.name},
-        });
+        // No selector: the harness writes the EndpointSlice itself (the EndpointSlice controller
+        // leaves a Service without a selector alone).
+        let mut spec = json!({"type": kind, "ipFamilies": ["IPv4"], "ports": ports});
+        if let Some(ip) = self.cluster_ip {
+            spec["clusterIP"] = json!(ip.to_string());
+            spec["clusterIPs"] = json!([ip.to_string()]);
+        }
         if self.kind != ServiceType::ClusterIP {
             spec["externalTrafficPolicy"] = json!(if self.external_traffic_local { "Local" } else { "Cluster" });
         }
@@ -152,7 +166,7 @@ impl Service {
         let mut svc = json!({
             "apiVersion": "v1",
             "kind": "Service",
-            "metadata": {"name": self.name, "namespace": NAMESPACE},
+            "metadata": self.meta(cluster, self.name.clone()),
             "spec": spec,
         });
         if !self.lb_ingress.is_empty() {
@@ -163,7 +177,8 @@ impl Service {
     }
 
     /// The EndpointSlice listing every endpoint as ready.
-    pub fn endpoint_slice(&self) -> Value {
+    pub fn endpoint_slice(&self, cluster: Option<&str>) -> Value {
+        let namespace = cluster.unwrap_or(NAMESPACE);
         let endpoints: Vec<Value> = self
             .endpoints
             .iter()
@@ -172,25 +187,24 @@ impl Service {
                     "addresses": [e.ip.to_string()],
                     "conditions": {"ready": true, "serving": true, "terminating": false},
                     "nodeName": e.node,
-                    "targetRef": {"kind": "Pod", "name": e.pod, "namespace": NAMESPACE},
+                    "targetRef": {"kind": "Pod", "name": e.pod, "namespace": namespace},
                 })
             })
             .collect();
-        json!({
+        let mut slice = json!({
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
-            "metadata": {
-                "name": format!("{}-slice", self.name),
-                "namespace": NAMESPACE,
-                "labels": {"kubernetes.io/service-name": self.name},
-            },
+            "metadata": self.meta(cluster, format!("{}-slice", self.name)),
             "addressType": "IPv4",
             "endpoints": endpoints,
             "ports": [
                 {"name": "tcp", "protocol": "TCP", "port": self.target_port},
                 {"name": "udp", "protocol": "UDP", "port": self.target_port},
             ],
-        })
+        });
+        slice["metadata"]["labels"]["kubernetes.io/service-name"] = json!(self.name);
+        slice["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] = json!("dpt-harness");
+        slice
     }
 }
 
@@ -209,13 +223,17 @@ mod tests {
 
     #[test]
     fn service_renders_every_field_the_tests_use() {
-        let svc = Service::new("web", ip("10.96.0.10"), 80, 8080)
-            .load_balancer(30080, &[ip("192.168.201.1")])
+        let mut svc = Service::new("web", 80, 8080)
+            .load_balancer(&[ip("192.168.201.1")])
             .external_ips(&[ip("192.168.202.1")])
             .external_traffic_local()
             .affinity(3)
             .endpoints([Endpoint { pod: "web-0".into(), ip: ip("10.244.1.2"), node: "node-1".into() }]);
-        let s = svc.service();
+        svc.cluster_ip = Some(ip("10.96.0.10"));
+        svc.node_port = Some(30080);
+        let s = svc.service(Some("c1"));
+        assert_eq!(s["metadata"]["namespace"], "c1");
+        assert_eq!(s["metadata"]["labels"]["service.kubernetes.io/service-proxy-name"], "c1");
         assert_eq!(s["spec"]["type"], "LoadBalancer");
         assert_eq!(s["spec"]["clusterIP"], "10.96.0.10");
         assert_eq!(s["spec"]["ports"][0]["protocol"], "TCP");
@@ -225,7 +243,8 @@ mod tests {
         assert_eq!(s["spec"]["externalIPs"][0], "192.168.202.1");
         assert_eq!(s["spec"]["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"], 3);
         assert_eq!(s["status"]["loadBalancer"]["ingress"][0]["ip"], "192.168.201.1");
-        let e = svc.endpoint_slice();
+        let e = svc.endpoint_slice(Some("c1"));
+        assert_eq!(e["metadata"]["labels"]["service.kubernetes.io/service-proxy-name"], "c1");
         assert_eq!(e["metadata"]["labels"]["kubernetes.io/service-name"], "web");
         assert_eq!(e["endpoints"][0]["nodeName"], "node-1");
         assert_eq!(e["ports"][0]["port"], 8080);
@@ -233,8 +252,9 @@ mod tests {
 
     #[test]
     fn cluster_ip_service_has_no_node_port_or_policy() {
-        let s = Service::new("db", ip("10.96.0.11"), 5432, 5432).service();
+        let s = Service::new("db", 5432, 5432).service(None);
         assert_eq!(s["spec"]["type"], "ClusterIP");
+        assert!(s["spec"].get("clusterIP").is_none(), "left to the allocator");
         assert!(s["spec"]["ports"][0].get("nodePort").is_none());
         assert!(s["spec"].get("externalTrafficPolicy").is_none());
         assert!(s.get("status").is_none());

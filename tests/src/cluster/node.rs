@@ -33,7 +33,8 @@ pub struct Node {
     pub pins: PinDir,
     /// State directory: agent status, CNI node file, IPAM store, logs.
     pub dir: PathBuf,
-    pub(super) manifests: PathBuf,
+    /// The flags naming the agent's source (kubeconfig and filters, or a manifests directory).
+    pub(super) source_flags: Vec<(&'static str, Option<String>)>,
     pub(super) bins: Binaries,
 }
 
@@ -55,9 +56,8 @@ impl Node {
     /// cgroup (never the host's root cgroup), TC on every Pod veth the CNI plugin creates.
     pub fn wanted_flags(&self) -> Vec<(&'static str, Option<String>)> {
         let s = |p: &Path| Some(p.display().to_string());
-        vec![
-            ("--manifests", s(&self.manifests)),
-            ("--manifests-poll-ms", Some("50".into())),
+        let mut flags = self.source_flags.clone();
+        flags.extend([
             ("--node-name", Some(self.name.clone())),
             ("--routes", None),
             ("--listen", Some(format!("127.0.0.1:{}", self.http_port))),
@@ -66,7 +66,8 @@ impl Node {
             ("--pin-dir", s(self.pins.path())),
             ("--cgroup-root", s(self.cgroup.path())),
             ("--uplink", Some(UPLINK.into())),
-        ]
+        ]);
+        flags
     }
 
     /// The agent command line (after the program name).
@@ -148,23 +149,43 @@ impl Node {
 
     /// The agent's `/metrics` text, fetched from inside the node (it listens on the node's loopback).
     pub fn metrics(&self) -> Result<String, ClusterError> {
+        match self.http("/metrics")? {
+            (200, body) => Ok(body),
+            (code, body) => Err(ClusterError::Io { what: format!("GET /metrics from the agent on {}", self.name), source: std::io::Error::other(format!("{code}: {body}")) }),
+        }
+    }
+
+    /// `GET path` from the agent's HTTP endpoint, inside the node: status code and body.
+    pub fn http(&self, path: &str) -> Result<(u16, String), ClusterError> {
         use std::io::{Read, Write};
         let port = self.http_port;
-        let what = format!("GET /metrics from the agent on {}", self.name);
-        let io = |e| ClusterError::Io { what: what.clone(), source: e };
+        let what = format!("GET {path} from the agent on {}", self.name);
+        let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
         let resp = self.netns.run(move || -> std::io::Result<String> {
             let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
             s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            write!(s, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            s.write_all(request.as_bytes())?;
             let mut resp = String::new();
             s.read_to_string(&mut resp)?;
             Ok(resp)
         });
-        let resp = resp.map_err(io)?;
-        match resp.split_once("\r\n\r\n") {
-            Some((head, body)) if head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200") => Ok(body.to_owned()),
-            _ => Err(io(std::io::Error::other(format!("unexpected answer: {resp}")))),
-        }
+        let resp = resp.map_err(|e| ClusterError::Io { what: what.clone(), source: e })?;
+        let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+        let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        Ok((code, body.to_owned()))
+    }
+
+    /// The backends (`ip:port`) of frontend `addr` (TCP) in the node's maps; `None` when it has no
+    /// such frontend.
+    pub fn backends(&self, addr: std::net::SocketAddr) -> Result<Option<Vec<String>>, ClusterError> {
+        use dataplane_agent::maps::{Source, lb::LbMaps};
+        let fail = |e: String| ClusterError::Command { what: format!("reading the maps of {}", self.name), status: "error".into(), stderr: e, stdout: String::new() };
+        let lb = LbMaps::open(Source::Pinned(self.pins.path())).map_err(|e| fail(e.to_string()))?;
+        let rows = dataplane_agent::reconcile::table(&lb).map_err(|e| fail(e.to_string()))?;
+        let frontend = addr.to_string();
+        Ok(rows.into_iter().find(|r| r.protocol == "TCP" && r.frontend == frontend).map(|r| {
+            r.backends.iter().map(|b| b.trim_end_matches(" (local)").to_owned()).collect()
+        }))
     }
 
     /// `dataplane-agent <args>` run inside the node (e.g. `services`), returning its stdout.

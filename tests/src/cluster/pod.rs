@@ -46,6 +46,16 @@ impl Host {
         self.client(&["udp".into(), addr.to_string(), count.to_string()])
     }
 
+    /// Starts a fresh TCP connection to `addr` every `interval` for `duration`, in the background;
+    /// [`Steady::finish`] waits for the end and returns the counts.
+    pub fn steady(&self, addr: SocketAddr, duration: Duration, interval: Duration) -> Result<Steady, ClusterError> {
+        let args = ["steady".to_string(), addr.to_string(), duration.as_millis().to_string(), interval.as_millis().to_string()];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let cmd = proc::command(&self.netns, self.cgroup.as_deref(), &self.echo, &args)?;
+        let p = Proc::spawn(format!("steady {addr}"), cmd, Stdio::piped(), Stdio::piped())?;
+        Ok(Steady { proc: p })
+    }
+
     /// Opens `conns` connections to `addr` and keeps asking on each every `interval` for `duration`.
     /// Returns once all are connected; [`Hold::finish`] collects the per-connection reports.
     pub fn hold(&self, addr: SocketAddr, conns: usize, duration: Duration, interval: Duration) -> Result<Hold, ClusterError> {
@@ -86,6 +96,35 @@ impl Host {
 pub struct Hold {
     proc: Proc,
     reader: Option<std::thread::JoinHandle<String>>,
+}
+
+/// A running [`Host::steady`] load.
+#[derive(Debug)]
+pub struct Steady {
+    proc: Proc,
+}
+
+/// What a steady load saw.
+#[derive(Debug, Clone)]
+pub struct SteadyReport {
+    pub ok: u64,
+    pub failed: u64,
+    /// The first failures, with when they happened.
+    pub errors: Value,
+}
+
+impl Steady {
+    pub fn finish(mut self) -> Result<SteadyReport, ClusterError> {
+        let stdout = self.proc.child.stdout.take().map(std::io::read_to_string).and_then(Result::ok).unwrap_or_default();
+        let _ = self.proc.child.wait();
+        let v: Value = serde_json::from_str(stdout.trim()).map_err(|e| ClusterError::Command {
+            what: self.proc.what.clone(),
+            status: format!("unreadable report: {e}"),
+            stderr: String::new(),
+            stdout: stdout.clone(),
+        })?;
+        Ok(SteadyReport { ok: v["ok"].as_u64().unwrap_or(0), failed: v["failed"].as_u64().unwrap_or(u64::MAX), errors: v["errors"].clone() })
+    }
 }
 
 impl Hold {

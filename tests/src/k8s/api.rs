@@ -36,6 +36,7 @@ fn resource(api_version: &str, kind: &str) -> Result<(ApiResource, bool), K8sErr
         "Pod" => ("pods", true),
         "EndpointSlice" => ("endpointslices", true),
         "ConfigMap" => ("configmaps", true),
+        "ServiceAccount" => ("serviceaccounts", true),
         "Node" => ("nodes", false),
         "Namespace" => ("namespaces", false),
         other => return Err(err(format!("the harness does not write {other} objects"))),
@@ -111,6 +112,14 @@ impl Api {
             Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
             Err(e) => Err(err(format!("delete {name}: {e}"))),
         }
+    }
+
+    /// The cluster-scoped objects of `kind` matching `selector`.
+    pub fn list_cluster(&self, api_version: &str, kind: &str, selector: &str) -> Result<Vec<Value>, K8sError> {
+        let (ar, _) = resource(api_version, kind)?;
+        let api: kube::Api<DynamicObject> = kube::Api::all_with(self.client.clone(), &ar);
+        let list = self.block_on(api.list(&ListParams::default().labels(selector))).map_err(|e| err(format!("list {kind}: {e}")))?;
+        list.items.into_iter().map(|o| serde_json::to_value(o).map_err(|e| err(e.to_string()))).collect()
     }
 
     /// The objects of `kind` in `namespace` matching `selector`.

@@ -416,7 +416,7 @@ pub fn shared() -> Result<&'static Access, K8sError> {
             spawn_shared().map_err(|e| e.0)
         })
         .as_ref()
-        .map_err(|e| err(e))
+        .map_err(err)
 }
 
 /// The file a `dpt-control-plane` writes once its control plane is ready.
