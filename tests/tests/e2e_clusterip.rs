@@ -58,3 +58,20 @@ fn service_without_endpoints_refuses() {
     let replies = c.pod(client).tcp(vip, 3).unwrap();
     assert_eq!(tally(&replies).get("web"), Some(&3), "{replies:?}");
 }
+
+/// The standalone source (`--manifests`, no API server) drives the same data path.
+#[test]
+fn standalone_manifests_cluster_serves_clusterip() {
+    if !require_kernel() {
+        return;
+    }
+    let mut c = Cluster::start_standalone(2).unwrap();
+    let web = c.add_pod(1, "web").unwrap();
+    let client = c.add_pod(0, "client").unwrap();
+    let ep = c.endpoint(web);
+    let vip = SocketAddr::from((c.apply(Service::new("web", 80, ECHO_PORT).endpoints([ep])).unwrap().vip(), 80));
+    assert_eq!(tally(&c.pod(client).tcp(vip, 5).unwrap()).get("web"), Some(&5));
+    c.delete("web").unwrap();
+    let after = c.pod(client).tcp(vip, 1).unwrap();
+    assert!(!after[0].is_ok(), "a deleted Service's address is not served: {after:?}");
+}

@@ -64,7 +64,7 @@ fn main() -> anyhow::Result<()> {
             test::run(&args)
         }
         Command::Demo { standalone } => {
-            setup::run()?;
+            setup::run_with(!standalone)?;
             demo::run(standalone)
         }
         Command::Bench { name } => {

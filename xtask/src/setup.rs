@@ -30,13 +30,20 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const EBPF_TOOLCHAIN: &str = "nightly";
 
 pub fn run() -> anyhow::Result<()> {
+    run_with(true)
+}
+
+/// `k8s`: also provide the Kubernetes binaries (everything but the standalone demo needs them).
+pub fn run_with(k8s: bool) -> anyhow::Result<()> {
     step("setup: checking what this machine has");
     let mut did = Vec::new();
     packages(&mut did)?;
     bpf_linker(&mut did)?;
     rust_src(&mut did)?;
     nextest(&mut did)?;
-    crate::k8s::setup(&mut did)?;
+    if k8s {
+        crate::k8s::setup(&mut did)?;
+    }
     if did.is_empty() {
         eprintln!("setup: everything was already installed");
     } else {

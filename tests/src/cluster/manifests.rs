@@ -21,10 +21,14 @@ pub fn node(n: &NodeObject) -> Value {
         "kind": "Node",
         "metadata": {"name": n.name},
         "spec": {"podCIDR": n.pod_cidr, "podCIDRs": [n.pod_cidr]},
-        "status": {"addresses": [
-            {"type": "InternalIP", "address": n.internal_ip.to_string()},
-            {"type": "Hostname", "address": n.name},
-        ]},
+        "status": {
+            "addresses": [
+                {"type": "InternalIP", "address": n.internal_ip.to_string()},
+                {"type": "Hostname", "address": n.name},
+            ],
+            // As a kubelet reports it; nothing here expires it (no node lifecycle controller).
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "dataplane test node"}],
+        },
     })
 }
 

@@ -375,6 +375,11 @@ impl Cluster {
             "hostIP": node, "hostIPs": [{"ip": node}],
             "podIP": p.ip.to_string(), "podIPs": [{"ip": p.ip.to_string()}],
             "conditions": [cond("PodScheduled", true), cond("Initialized", true), cond("ContainersReady", ready), cond("Ready", ready)],
+            "containerStatuses": [{
+                "name": "echo", "ready": ready, "started": true, "restartCount": 0,
+                "image": "dataplane.test/echo-server", "imageID": "",
+                "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
+            }],
         });
         let obj = serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": p.name, "namespace": a.name}});
         a.api.patch_status(&obj, status).map_err(objects::k8s_err)
