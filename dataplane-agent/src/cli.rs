@@ -38,6 +38,29 @@ pub enum Command {
     /// Stop the agent first. `dataplane-agent --cleanup` (kube-proxy's spelling) does the same.
     #[command(long_flag_alias = "cleanup")]
     Cleanup(CleanupArgs),
+    /// Install the CNI plugin and its network configuration on the node (the DaemonSet's init
+    /// container): each file written beside its destination and renamed over it; a bad conflist
+    /// is refused before anything is written.
+    InstallCni(InstallCniArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InstallCniArgs {
+    /// The plugin binary to install (its file name is kept).
+    #[arg(long, default_value = "/usr/local/bin/dataplane-cni", value_name = "PATH")]
+    pub plugin: PathBuf,
+    /// Where the container runtime looks for CNI plugins.
+    #[arg(long, default_value = "/opt/cni/bin", value_name = "DIR")]
+    pub bin_dir: PathBuf,
+    /// The network configuration list to install.
+    #[arg(long, value_name = "PATH")]
+    pub conflist: PathBuf,
+    /// Where the container runtime reads CNI configurations.
+    #[arg(long, default_value = "/etc/cni/net.d", value_name = "DIR")]
+    pub conf_dir: PathBuf,
+    /// The installed configuration's file name (runtimes take the first in lexical order).
+    #[arg(long, default_value = "10-dataplane.conflist", value_name = "NAME")]
+    pub conf_name: String,
 }
 
 #[derive(Debug, Args)]

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod doctor;
 pub mod host;
 pub mod http;
+pub mod install;
 pub mod metrics;
 pub mod routes;
 pub mod reconcile;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use dataplane_agent::agent::{self, Actions, AgentState, AgentStatus};
-use dataplane_agent::cli::{CleanupArgs, Cli, Command, DoctorArgs, Output, RunArgs, ServicesArgs, StatusArgs};
+use dataplane_agent::cli::{CleanupArgs, Cli, Command, DoctorArgs, InstallCniArgs, Output, RunArgs, ServicesArgs, StatusArgs};
 use dataplane_agent::maps::{Source, lb::LbMaps};
 use dataplane_agent::reconcile::{self, Reconciler};
 use dataplane_agent::model::ModelConfig;
@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         Command::Services(args) => services(args, cli.output),
         Command::Doctor(args) => Ok(doctor_cmd(args, cli.output)),
         Command::Cleanup(args) => cleanup(args, cli.output),
+        Command::InstallCni(args) => install_cni(args, cli.output),
     };
     match result {
         Ok(code) => code,
@@ -30,6 +31,21 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn install_cni(args: InstallCniArgs, output: Output) -> anyhow::Result<ExitCode> {
+    let done = dataplane_agent::install::install(&args.plugin, &args.bin_dir, &args.conflist, &args.conf_dir, &args.conf_name)?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&done)?),
+        Output::Text => println!(
+            "installed {} and {} (network {:?}, plugins {})",
+            done.plugin.display(),
+            done.conflist.display(),
+            done.network,
+            done.plugins.join(", ")
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {

@@ -53,6 +53,22 @@ fn daemonset_args_are_valid_for_the_agent() {
 }
 
 #[test]
+fn install_cni_init_container_runs_the_agent_binary_with_valid_args() {
+    let ds: DaemonSet = of_kind("daemonset.yaml", "DaemonSet");
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    let init = pod.init_containers.unwrap().into_iter().find(|c| c.name == "install-cni").unwrap();
+    let mut argv = init.command.clone().unwrap();
+    assert_eq!(argv, ["/usr/local/bin/dataplane-agent"], "no shell in the image");
+    argv.extend(init.args.clone().unwrap());
+    let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    let Command::InstallCni(args) = cli.command else { panic!("not `install-cni`: {argv:?}") };
+    let mounts: Vec<&str> = init.volume_mounts.as_ref().unwrap().iter().map(|m| m.mount_path.as_str()).collect();
+    for dir in [&args.bin_dir, &args.conf_dir, args.conflist.parent().unwrap()] {
+        assert!(mounts.iter().any(|m| Path::new(m) == dir), "{} not mounted: {mounts:?}", dir.display());
+    }
+}
+
+#[test]
 fn cluster_role_grants_list_and_watch_on_what_the_reflectors_watch() {
     let role: ClusterRole = of_kind("rbac.yaml", "ClusterRole");
     let rules = role.rules.unwrap();

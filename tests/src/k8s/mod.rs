@@ -272,6 +272,9 @@ impl ControlPlane {
             format!("--service-account-key-file={}", f(pki::SA_PUB)),
             format!("--service-account-signing-key-file={}", f(pki::SA_KEY)),
             "--authorization-mode=Node,RBAC".into(),
+            // As kubeadm, kind and managed clusters run it: node agents (ours, kube-proxy, CNIs)
+            // need privileged containers.
+            "--allow-privileged=true".into(),
             "--profiling=false".into(),
         ];
         if !self.opts.watch_cache {
