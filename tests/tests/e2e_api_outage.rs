@@ -18,7 +18,7 @@ use dataplane_tests::{
     k8s::{ControlPlane, Options},
     require_kernel,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// A new connection every 20 ms on each load: 50/s, a few thousand over an outage.
 const INTERVAL: Duration = Duration::from_millis(20);
@@ -27,12 +27,6 @@ fn no_failures(what: &str, r: &SteadyReport) {
     eprintln!("{what}: {} connections, {} failed", r.ok, r.failed);
     assert!(r.ok > 0, "{what}: no connection succeeded");
     assert_eq!(r.failed, 0, "{what}: failed connections, first ones: {}", r.errors);
-}
-
-fn status_json(node: &Node) -> Value {
-    let args = ["status", "--output", "json", "--pin-dir", &node.pins.path().display().to_string(), "--state-dir", &node.state_dir().display().to_string()];
-    let out = node.agent_cli(&args).unwrap();
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
 fn source_up(node: &Node) -> Option<f64> {
@@ -66,7 +60,7 @@ fn api_server_down_for_60_s_loses_no_connection_and_recovers_within_1_s() {
             (code == 503 && body.contains("unreachable")).then_some(())
         })
         .unwrap();
-        let st = status_json(node);
+        let st = node.status_report().unwrap();
         assert_eq!(st["status"]["api_reachable"], false, "status while the API server is down: {st:#}");
         assert!(st["status"]["last_error"].is_string(), "status names the error: {st:#}");
         assert_eq!(source_up(node), Some(0.0), "dataplane_agent_source_up on {}", node.name);
@@ -85,7 +79,7 @@ fn api_server_down_for_60_s_loses_no_connection_and_recovers_within_1_s() {
     for node in &c.nodes {
         wait_for(&format!("{} ready again", node.name), Duration::from_secs(5), || (node.http("/readyz").ok()?.0 == 200).then_some(())).unwrap();
         assert_eq!(source_up(node), Some(1.0));
-        assert_eq!(status_json(node)["status"]["api_reachable"], true);
+        assert_eq!(node.status_report().unwrap()["status"]["api_reachable"], true);
     }
     no_failures("Pod -> ClusterIP during the outage", &cluster_ip.finish().unwrap());
     no_failures("client -> NodePort (remote backend) during the outage", &node_port.finish().unwrap());
@@ -106,7 +100,7 @@ fn etcd_compaction_410_gone_relists_at_once_and_loses_nothing() {
     let (ep_a, ep_b) = (c.endpoint(a), c.endpoint(b));
     let svc = c.apply(Service::new("web", 80, ECHO_PORT).endpoints([ep_a.clone()])).unwrap();
     let load = c.pod(client).steady(SocketAddr::from((svc.vip(), 80)), Duration::from_secs(12), INTERVAL).unwrap();
-    let relists_before = status_json(&c.nodes[0])["status"]["source_relists"].as_u64();
+    let relists_before = c.nodes[0].status_report().unwrap()["status"]["source_relists"].as_u64();
 
     // Move etcd on with objects the agents do not watch, then compact everything before now:
     // the revision each agent watch would resume from is gone.
@@ -126,7 +120,7 @@ fn etcd_compaction_410_gone_relists_at_once_and_loses_nothing() {
     eprintln!("410 Gone -> relisted and programmed the change in {took:?}");
     let log = std::fs::read_to_string(c.nodes[0].agent_log()).unwrap();
     assert!(log.contains("410 Gone"), "the agent saw no 410:\n{}", c.nodes[0].log_tail());
-    let relists_after = status_json(&c.nodes[0])["status"]["source_relists"].as_u64();
+    let relists_after = c.nodes[0].status_report().unwrap()["status"]["source_relists"].as_u64();
     assert!(relists_after > relists_before, "relists {relists_before:?} -> {relists_after:?}");
     // "At once": no backoff wait; a list and a sync on a small cluster take milliseconds.
     assert!(took <= Duration::from_secs(3), "converged {took:?} after the cut");

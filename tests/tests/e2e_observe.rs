@@ -43,10 +43,7 @@ fn all_ok(what: &str, replies: &[Reply]) {
 }
 
 fn status(node: &Node) -> Value {
-    let out = node
-        .agent_cli(&["status", "--output", "json", "--pin-dir", &node.pins.path().display().to_string(), "--state-dir", &node.state_dir().display().to_string()])
-        .unwrap();
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    node.status_report().unwrap()
 }
 
 fn fill(status: &Value, map: &str) -> (u64, u64) {

@@ -188,6 +188,19 @@ impl Node {
         }))
     }
 
+    /// `dataplane-agent status --output json` for this node (read from its state dir and pins, so
+    /// it works while the agent is down).
+    pub fn status_report(&self) -> Result<Value, ClusterError> {
+        let (pins, state) = (self.pins.path().display().to_string(), self.state_dir().display().to_string());
+        let out = self.agent_cli(&["status", "--output", "json", "--pin-dir", &pins, "--state-dir", &state])?;
+        serde_json::from_str(&out).map_err(|e| ClusterError::Command {
+            what: "dataplane-agent status --output json".into(),
+            status: format!("not JSON: {e}"),
+            stderr: String::new(),
+            stdout: out,
+        })
+    }
+
     /// `dataplane-agent <args>` run inside the node (e.g. `services`), returning its stdout.
     pub fn agent_cli(&self, args: &[&str]) -> Result<String, ClusterError> {
         let cmd = proc::command(self.netns.name(), None, &self.bins.agent, args)?;
