@@ -42,6 +42,17 @@ pub enum Command {
     /// container): each file written beside its destination and renamed over it; a bad conflist
     /// is refused before anything is written.
     InstallCni(InstallCniArgs),
+    /// Remove what a kube-proxy left on this node (iptables chains of both backends and families,
+    /// its nftables tables, IPVS virtual servers, kube-ipvs0 and its ipsets), once its DaemonSet
+    /// is gone, so that its rules no longer catch Service traffic. The kubelet's chains stay.
+    CleanupKubeProxy(CleanupKubeProxyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CleanupKubeProxyArgs {
+    /// Say what would be removed and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

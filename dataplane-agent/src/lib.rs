@@ -12,6 +12,7 @@ pub mod doctor;
 pub mod host;
 pub mod http;
 pub mod install;
+pub mod kube_proxy_cleanup;
 pub mod metrics;
 pub mod routes;
 pub mod reconcile;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use dataplane_agent::agent::{self, Actions, AgentState, AgentStatus};
-use dataplane_agent::cli::{CleanupArgs, Cli, Command, DoctorArgs, InstallCniArgs, Output, RunArgs, ServicesArgs, StatusArgs};
+use dataplane_agent::cli::{CleanupArgs, Cli, Command, CleanupKubeProxyArgs, DoctorArgs, InstallCniArgs, Output, RunArgs, ServicesArgs, StatusArgs};
 use dataplane_agent::maps::{Source, lb::LbMaps};
 use dataplane_agent::reconcile::{self, Reconciler};
 use dataplane_agent::model::ModelConfig;
@@ -23,6 +23,7 @@ fn main() -> ExitCode {
         Command::Doctor(args) => Ok(doctor_cmd(args, cli.output)),
         Command::Cleanup(args) => cleanup(args, cli.output),
         Command::InstallCni(args) => install_cni(args, cli.output),
+        Command::CleanupKubeProxy(args) => cleanup_kube_proxy(args, cli.output),
     };
     match result {
         Ok(code) => code,
@@ -31,6 +32,32 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn cleanup_kube_proxy(args: CleanupKubeProxyArgs, output: Output) -> anyhow::Result<ExitCode> {
+    let report = dataplane_agent::kube_proxy_cleanup::cleanup(args.dry_run)?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Text => {
+            let verb = if args.dry_run { "would remove" } else { "removed" };
+            for (tool, table, chains) in &report.iptables {
+                println!("{verb} {chains} kube-proxy chains from {tool} table {table}");
+            }
+            for t in &report.nftables {
+                println!("{verb} nftables table {t}");
+            }
+            for what in &report.ipvs {
+                println!("{verb} IPVS {what}");
+            }
+            if report.iptables.is_empty() && report.nftables.is_empty() && report.ipvs.is_empty() {
+                println!("nothing of kube-proxy's found");
+            }
+            for s in &report.skipped {
+                println!("skipped {s}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn install_cni(args: InstallCniArgs, output: Output) -> anyhow::Result<ExitCode> {

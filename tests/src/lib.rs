@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod cluster;
 pub mod cmd;
 pub mod k8s;
+pub mod kube_proxy;
 pub mod netns;
 pub mod packet;
 pub mod prog_run;
