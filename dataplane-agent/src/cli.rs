@@ -162,6 +162,74 @@ pub struct RunArgs {
     /// This node's IPv4 address(es) NodePorts answer on in the data path (default: the uplinks' addresses).
     #[arg(long, value_name = "IP")]
     pub node_ip: Vec<std::net::Ipv4Addr>,
+    #[command(flatten)]
+    pub conntrack: ConntrackArgs,
+}
+
+/// Conntrack lifetimes (load-time settings of the data path) and its garbage collector. Values
+/// are seconds, or a number with a unit: `90`, `90s`, `5m`, `6h`, `1d`.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Conntrack (per-packet NAT paths: NodePort, LoadBalancer, externalIP, TC fallback)")]
+pub struct ConntrackArgs {
+    /// Lifetime of a TCP flow that has not got past its SYNs (cilium's bpf-ct-timeout-regular-tcp-syn).
+    #[arg(long, default_value = "60s", value_parser = parse_seconds, value_name = "DURATION")]
+    pub ct_timeout_tcp_syn: u32,
+    /// Idle lifetime of an established TCP flow, also after one side's FIN (half-close).
+    #[arg(long, default_value = "6h", value_parser = parse_seconds, value_name = "DURATION")]
+    pub ct_timeout_tcp_established: u32,
+    /// Lifetime of a TCP flow after a RST, or a FIN from both sides (cilium's bpf-ct-timeout-regular-tcp-fin).
+    #[arg(long, default_value = "10s", value_parser = parse_seconds, value_name = "DURATION")]
+    pub ct_timeout_tcp_close: u32,
+    /// Idle lifetime of a UDP flow (and of any other non-TCP protocol the path comes to track).
+    #[arg(long, default_value = "60s", value_parser = parse_seconds, value_name = "DURATION")]
+    pub ct_timeout_udp: u32,
+    /// How often expired conntrack and session-affinity entries are deleted from the maps; 0: never
+    /// (the LRU tables then only evict when full). Expired entries count as absent either way.
+    #[arg(long, default_value = "30s", value_parser = parse_gc_interval, value_name = "DURATION")]
+    pub ct_gc_interval: u32,
+}
+
+impl ConntrackArgs {
+    pub fn lifetimes(&self) -> dataplane_common::ct::CtLifetimes {
+        dataplane_common::ct::CtLifetimes {
+            tcp_syn_s: self.ct_timeout_tcp_syn,
+            tcp_established_s: self.ct_timeout_tcp_established,
+            tcp_close_s: self.ct_timeout_tcp_close,
+            other_s: self.ct_timeout_udp,
+        }
+    }
+}
+
+/// `90`, `90s`, `5m`, `6h`, `1d` -> seconds, within 1 s ..= a year (what the data path accepts).
+pub fn parse_seconds(v: &str) -> Result<u32, String> {
+    let s = parse_duration(v)?;
+    if s == 0 || s > dataplane_common::ct::CT_LIFETIME_MAX_S {
+        return Err(format!("{s} s is not in 1..={} s", dataplane_common::ct::CT_LIFETIME_MAX_S));
+    }
+    Ok(s)
+}
+
+fn parse_gc_interval(v: &str) -> Result<u32, String> {
+    let s = parse_duration(v)?;
+    if s > 86_400 {
+        return Err(format!("{s} s is more than a day"));
+    }
+    Ok(s)
+}
+
+fn parse_duration(v: &str) -> Result<u32, String> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (digits, unit) = v.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("{v:?} is not a duration (e.g. 90, 90s, 5m, 6h, 1d)"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{v:?}: unknown unit {unit:?} (s, m, h or d)")),
+    };
+    u32::try_from(n.saturating_mul(mult)).map_err(|_| format!("{v:?} is too long"))
 }
 
 #[derive(Debug, Args)]
@@ -186,4 +254,52 @@ pub struct DoctorArgs {
     /// Skip loading the embedded eBPF object.
     #[arg(long)]
     pub skip_load: bool,
+}
+
+#[cfg(test)]
+mod conntrack_flag_tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["dataplane-agent", "run"].iter().chain(args))?;
+        match cli.command {
+            Command::Run(r) => Ok(*r),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn conntrack_defaults_are_ciliums() {
+        let r = run(&[]).unwrap();
+        assert_eq!(r.conntrack.lifetimes(), dataplane_common::ct::CtLifetimes::default());
+        assert_eq!(r.conntrack.ct_gc_interval, 30);
+    }
+
+    #[test]
+    fn conntrack_flags_take_seconds_or_units() {
+        let r = run(&["--ct-timeout-tcp-established", "2h", "--ct-timeout-tcp-syn", "90", "--ct-timeout-tcp-close", "5s", "--ct-timeout-udp", "2m", "--ct-gc-interval", "0"]).unwrap();
+        let l = r.conntrack.lifetimes();
+        assert_eq!((l.tcp_established_s, l.tcp_syn_s, l.tcp_close_s, l.other_s), (7200, 90, 5, 120));
+        assert_eq!(r.conntrack.ct_gc_interval, 0, "0 turns the GC off");
+        assert_eq!(parse_seconds("1d"), Ok(86_400));
+        for bad in ["0", "6x", "h", "-5", "366d", "99999999999999"] {
+            assert!(parse_seconds(bad).is_err(), "{bad}");
+        }
+        assert!(run(&["--ct-gc-interval", "2d"]).is_err());
+        let err = run(&["--ct-timeout-udp", "0"]).unwrap_err().to_string();
+        assert!(err.contains("invalid value '0' for '--ct-timeout-udp <DURATION>'"), "{err}");
+    }
+
+    #[test]
+    fn run_help_groups_the_conntrack_flags() {
+        let mut cmd = Cli::command();
+        let help = cmd.find_subcommand_mut("run").unwrap().render_help().to_string();
+        let group = help.split_once("Conntrack (").map(|(_, g)| g).unwrap_or_else(|| panic!("{help}"));
+        for flag in ["--ct-timeout-tcp-syn", "--ct-timeout-tcp-established", "--ct-timeout-tcp-close", "--ct-timeout-udp", "--ct-gc-interval"] {
+            assert!(group.contains(flag), "{flag} under the Conntrack heading:\n{help}");
+        }
+        assert!(group.contains("[default: 6h]"), "{help}");
+    }
 }

@@ -9,6 +9,7 @@ pub mod source;
 pub mod agent;
 pub mod cli;
 pub mod doctor;
+pub mod gc;
 pub mod host;
 pub mod http;
 pub mod install;

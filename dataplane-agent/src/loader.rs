@@ -56,6 +56,8 @@ pub struct Config {
     pub nodeport_max: u16,
     /// The source a pod sees when its own Service sent its packet back to it (hairpin).
     pub hairpin_snat_ip: Ipv4Addr,
+    /// Conntrack lifetimes per protocol and TCP state.
+    pub ct: ct::CtLifetimes,
 }
 
 impl Default for Config {
@@ -66,6 +68,7 @@ impl Default for Config {
             nodeport_max: 32767,
             // cilium's IPV4_LOOPBACK default: link-local, never a pod or node address.
             hairpin_snat_ip: Ipv4Addr::new(169, 254, 42, 1),
+            ct: ct::CtLifetimes::default(),
         }
     }
 }
@@ -84,6 +87,12 @@ impl Config {
         if self.hairpin_snat_ip.is_unspecified() || self.node_ips.contains(&self.hairpin_snat_ip) {
             return Err(ConfigError::BadHairpinIp { ip: self.hairpin_snat_ip });
         }
+        let c = &self.ct;
+        for (which, seconds) in [("TCP SYN", c.tcp_syn_s), ("TCP established", c.tcp_established_s), ("TCP close", c.tcp_close_s), ("UDP", c.other_s)] {
+            if seconds == 0 || seconds > ct::CT_LIFETIME_MAX_S {
+                return Err(ConfigError::BadCtLifetime { which, seconds });
+            }
+        }
         Ok(())
     }
 }
@@ -98,6 +107,8 @@ pub enum ConfigError {
     BadNodePortRange { min: u16, max: u16 },
     #[error("hairpin SNAT address {ip} is unspecified or a node address")]
     BadHairpinIp { ip: Ipv4Addr },
+    #[error("conntrack lifetime ({which}) of {seconds} s is not in 1..={max} s", max = ct::CT_LIFETIME_MAX_S)]
+    BadCtLifetime { which: &'static str, seconds: u32 },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,16 +151,15 @@ pub enum AttachError {
     },
 }
 
-/// Maps that outlive the agent: service tables, conntrack, affinity, socket rev-NAT, and the
-/// counters (drops, hooks, per-Service), so that counts survive a restart and `status` can read
-/// them while the agent is down.
-pub const PINNED_MAPS: [&str; 12] = [
+/// Maps that outlive the agent: service tables, conntrack, affinity, the socket LB's per-socket
+/// storage, and the counters (drops, hooks, per-Service), so that counts survive a restart and
+/// `status` can read them while the agent is down.
+pub const PINNED_MAPS: [&str; 11] = [
     lb::FRONTENDS4_MAP,
     lb::SLOTS4_MAP,
     lb::BACKENDS4_MAP,
     lb::REV_NAT4_MAP,
-    lb::SOCK_REV4_MAP,
-    lb::SOCK_FWD4_MAP,
+    lb::SOCK_LB4_MAP,
     ct::CT4_MAP,
     affinity::AFFINITY4_MAP,
     metrics::DROPS_MAP,
@@ -158,15 +168,22 @@ pub const PINNED_MAPS: [&str; 12] = [
     metrics::SOCK_LB_STATS_MAP,
 ];
 
+/// Pins of maps that older agents made and this layout no longer has: the socket LB's LRU maps
+/// keyed by socket cookie (reverse NAT, UDP stickiness), replaced by [`lb::SOCK_LB4_MAP`].
+/// [`load_with`] unpins them; socket programs an older agent left attached (cgroup links are
+/// kept across restarts) hold their maps by reference and go on working.
+pub const OBSOLETE_PINS: [&str; 2] = ["lb4_sknat_v1", "lb4_skfwd_v1"];
+
 /// Loads the object with the default configuration; see [`load_with`].
 pub fn load(pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
     load_with(pin_dir, &Config::default())
 }
 
 /// Loads the object into the kernel with `cfg`, re-using (or creating) the pinned maps under
-/// `pin_dir` when given. Programs are neither verified ([`verify_all`]) nor attached. Bad
-/// configuration or a missing pin directory is refused before anything reaches the kernel (a
-/// directory off bpffs makes the pinning fail, and the maps created so far are freed).
+/// `pin_dir` when given, and removing the [`OBSOLETE_PINS`] there once it loaded. Programs are
+/// neither verified ([`verify_all`]) nor attached. Bad configuration or a missing pin directory is
+/// refused before anything reaches the kernel (a directory off bpffs makes the pinning fail, and
+/// the maps created so far are freed).
 pub fn load_with(pin_dir: Option<&Path>, cfg: &Config) -> Result<Ebpf, LoadError> {
     cfg.validate()?;
     let pin_paths: Vec<(&str, PathBuf)> = match pin_dir {
@@ -190,8 +207,46 @@ pub fn load_with(pin_dir: Option<&Path>, cfg: &Config) -> Result<Ebpf, LoadError
         .override_global("NODE_IP_COUNT", &count, true)
         .override_global("NODEPORT_MIN", &cfg.nodeport_min, true)
         .override_global("NODEPORT_MAX", &cfg.nodeport_max, true)
-        .override_global("HAIRPIN_SNAT_IP", &hairpin, true);
-    loader.load(EBPF_OBJECT).map_err(|source| LoadError::Load { pin_dir: pin_dir.map(Path::to_path_buf), source: Box::new(source) })
+        .override_global("HAIRPIN_SNAT_IP", &hairpin, true)
+        .override_global("CT_LIFETIME_TCP_SYN_S", &cfg.ct.tcp_syn_s, true)
+        .override_global("CT_LIFETIME_TCP_ESTABLISHED_S", &cfg.ct.tcp_established_s, true)
+        .override_global("CT_LIFETIME_TCP_CLOSE_S", &cfg.ct.tcp_close_s, true)
+        .override_global("CT_LIFETIME_OTHER_S", &cfg.ct.other_s, true);
+    let ebpf = loader
+        .load(EBPF_OBJECT)
+        .map_err(|source| LoadError::Load { pin_dir: pin_dir.map(Path::to_path_buf), source: Box::new(source) })?;
+    if let Some(dir) = pin_dir {
+        migrate_ct_pins(dir, &cfg.ct);
+    }
+    if let Some(dir) = pin_dir {
+        for name in OBSOLETE_PINS {
+            let path = dir.join(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::info!(pin = %path.display(), "removed the pin of a map this version no longer uses"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                // A pin left behind costs its memory, not correctness.
+                Err(e) => tracing::warn!(pin = %path.display(), error = %e, "cannot remove an obsolete map pin"),
+            }
+        }
+    }
+    Ok(ebpf)
+}
+
+/// Carries an older agent's conntrack (`ct4_v2`) into the current table and unpins it, and unpins
+/// its affinity table (`lb4_affin_v1`, not carried over: see `maps::affinity`). A failure costs
+/// the old flows their NAT state (their next packet is balanced afresh), not the start.
+fn migrate_ct_pins(dir: &Path, lifetimes: &ct::CtLifetimes) {
+    match crate::maps::ct::migrate_v2(dir, lifetimes) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(flows = n, from = crate::maps::ct::CT4_V2_MAP, to = ct::CT4_MAP, "conntrack carried over"),
+        Err(e) => tracing::warn!(error = %crate::errors::error_chain(&e), "older conntrack not carried over"),
+    }
+    let old = dir.join(crate::maps::affinity::AFFINITY4_V1_MAP);
+    match std::fs::remove_file(&old) {
+        Ok(()) => tracing::info!(pin = %old.display(), "older session affinity table dropped"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(pin = %old.display(), error = %e, "cannot remove the older session affinity pin"),
+    }
 }
 
 /// Loads (has the verifier check) every program of the object.
@@ -282,6 +337,16 @@ mod tests {
         assert!(matches!(c.validate(), Err(ConfigError::BadNodePortRange { .. })));
         let c = Config { node_ips: vec![ip("169.254.42.1")], ..Config::default() };
         assert_eq!(c.validate(), Err(ConfigError::BadHairpinIp { ip: ip("169.254.42.1") }));
+    }
+
+    #[test]
+    fn conntrack_lifetimes_must_be_in_range() {
+        let with = |l: ct::CtLifetimes| Config { ct: l, ..Config::default() };
+        let d = ct::CtLifetimes::default();
+        assert_eq!(with(ct::CtLifetimes { tcp_close_s: 0, ..d }).validate(), Err(ConfigError::BadCtLifetime { which: "TCP close", seconds: 0 }));
+        let too_long = ct::CT_LIFETIME_MAX_S + 1;
+        assert_eq!(with(ct::CtLifetimes { other_s: too_long, ..d }).validate(), Err(ConfigError::BadCtLifetime { which: "UDP", seconds: too_long }));
+        with(ct::CtLifetimes { tcp_syn_s: 1, tcp_established_s: ct::CT_LIFETIME_MAX_S, ..d }).validate().unwrap();
     }
 
     #[test]

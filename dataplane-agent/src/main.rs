@@ -111,6 +111,10 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             // Forwarding does not depend on its counters: serve without them rather than not at all.
             tracing::warn!(error = %dataplane_agent::errors::error_chain(&e), "data path counters not readable; /metrics has the agent's series only");
         }
+        if maps.is_some() && args.conntrack.ct_gc_interval > 0 {
+            let every = Duration::from_secs(args.conntrack.ct_gc_interval.into());
+            dataplane_agent::gc::spawn(&args.pin_dir, every, state.metrics.ct_gc.clone()).context("starting the conntrack GC thread")?;
+        }
         let actions = Actions {
             model: ModelConfig {
                 node_name: args.node_name.clone(),
@@ -159,7 +163,8 @@ fn open_maps(args: &RunArgs) -> anyhow::Result<Reconciler> {
     std::fs::create_dir_all(pin_dir).with_context(|| format!("creating --pin-dir {}", pin_dir.display()))?;
     if args.uplink.is_empty() && args.cgroup_root.is_none() {
         tracing::info!("no --uplink or --cgroup-root: programming the maps only, attaching nothing");
-        let ebpf = dataplane_agent::loader::load(Some(pin_dir)).context("loading the eBPF object")?;
+        let cfg = dataplane_agent::loader::Config { ct: args.conntrack.lifetimes(), ..Default::default() };
+        let ebpf = dataplane_agent::loader::load_with(Some(pin_dir), &cfg).context("loading the eBPF object")?;
         drop(ebpf); // the pins keep the maps; the reconciler opens its own handles
     } else {
         attach_datapath(args)?;
@@ -177,7 +182,7 @@ fn attach_datapath(args: &RunArgs) -> anyhow::Result<()> {
     let cgroup = attach::cgroup_root(args.cgroup_root.as_deref())?;
     attach::check_cgroup2(&cgroup).with_context(|| format!("--cgroup-root {}", cgroup.display()))?;
     let node_ips = if args.node_ip.is_empty() { attach::interface_ipv4s(&args.uplink)? } else { args.node_ip.clone() };
-    let cfg = dataplane_agent::loader::Config { node_ips, ..Default::default() };
+    let cfg = dataplane_agent::loader::Config { node_ips, ct: args.conntrack.lifetimes(), ..Default::default() };
     attach::set_sysctls(&args.uplink)?;
     let ebpf = dataplane_agent::loader::load_with(Some(&args.pin_dir), &cfg).context("loading the eBPF object")?;
     let mut dp = DataPath::new(ebpf, &args.pin_dir)?;
@@ -288,7 +293,8 @@ fn status(args: StatusArgs, output: Output) -> anyhow::Result<ExitCode> {
                         m.name,
                         m.map_type.as_deref().unwrap_or("?"),
                         // Per-CPU counter arrays have no fill level: every slot always exists.
-                        m.entries.map_or("(counters)".to_string(), |v| v.to_string()),
+                        // Socket storage neither: one value per socket, freed with it.
+                        m.entries.map_or(if m.per_socket { "(per-socket)" } else { "(counters)" }.to_string(), |v| v.to_string()),
                         opt(m.max_entries.map(u64::from)),
                         m.percent.map_or("-".to_string(), |p| format!("{p:.2}%")),
                     ),
@@ -317,9 +323,9 @@ fn cleanup(args: CleanupArgs, output: Output) -> anyhow::Result<ExitCode> {
     let mut removed: Vec<String> = Vec::new();
     // Links first: removing their pins detaches the programs (nothing else holds them).
     removed.extend(dataplane_agent::attach::remove_pins(&args.pin_dir)?.iter().map(|p| p.display().to_string()));
-    // Only the maps the loader pins, then the directory if that left it empty: a pin directory
-    // shared with something else keeps the rest.
-    for name in dataplane_agent::loader::PINNED_MAPS {
+    // Only the maps the loader pins (and those older versions pinned), then the directory if that
+    // left it empty: a pin directory shared with something else keeps the rest.
+    for name in dataplane_agent::loader::PINNED_MAPS.iter().chain(&dataplane_agent::loader::OBSOLETE_PINS) {
         let path = args.pin_dir.join(name);
         match std::fs::remove_file(&path) {
             Ok(()) => removed.push(path.display().to_string()),

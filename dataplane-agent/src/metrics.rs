@@ -44,6 +44,8 @@ pub struct Metrics {
     pub map_backends: Gauge,
     /// The data path's counters, read at scrape time (empty until [`Metrics::attach_datapath`]).
     pub datapath: Arc<DataPathCollector>,
+    /// The conntrack and affinity GC (`dataplane_ct_gc_*`).
+    pub ct_gc: crate::gc::GcMetrics,
 }
 
 impl Default for Metrics {
@@ -64,6 +66,7 @@ impl Default for Metrics {
             map_frontends: Gauge::default(),
             map_backends: Gauge::default(),
             datapath: Arc::default(),
+            ct_gc: crate::gc::GcMetrics::default(),
             registry: Registry::default(),
         };
         let mut root = Registry::default();
@@ -85,6 +88,7 @@ impl Default for Metrics {
         agent.register("map_backends", "Backends in the service maps", m.map_backends.clone());
         // The data path's series are not the agent's: they keep counting while it is down.
         root.sub_registry_with_prefix("dataplane").register_collector(Box::new(m.datapath.clone()));
+        m.ct_gc.register(root.sub_registry_with_prefix("dataplane_ct_gc"));
         Metrics { registry: root, ..m }
     }
 }

@@ -144,44 +144,95 @@ pub struct RevNat<A> {
 const _: () = assert!(core::mem::size_of::<RevNat<Ip4>>() == 8);
 const _: () = assert!(core::mem::size_of::<RevNat<Ip6>>() == 20);
 
-/// Key of the socket reverse-NAT map: a socket (its cookie) and the backend it was sent to, so
-/// that `recvmsg` and `getpeername` can show the service address instead of the backend.
-/// The cookie is two words so that the IPv6 instance has no padding either.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SockRevKey<A> {
-    pub cookie: [u32; 2],
-    pub addr: A,
-    pub port_be: u16,
-    pub _pad: [u8; 2],
-}
-const _: () = assert!(core::mem::size_of::<SockRevKey<Ip4>>() == 16);
-const _: () = assert!(core::mem::size_of::<SockRevKey<Ip6>>() == 28);
-
-/// The frontend a socket's backend address is shown as.
+/// One Service frontend the socket LB rewrote a socket's destination for: the frontend the
+/// application asked for and the backend it got. `recvmsg` and `getpeername` show `frontend` for `backend`;
+/// an unconnected UDP socket's next datagram to `frontend` goes to `backend` again.
+/// `backend_id == 0` marks a free slot (backend ids start at 1).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SockRev<A> {
-    pub addr: A,
-    pub port_be: u16,
-    pub _pad: [u8; 2],
+pub struct SockLbEntry<A> {
+    pub frontend: A,
+    pub backend: A,
+    pub frontend_port_be: u16,
+    pub backend_port_be: u16,
+    pub backend_id: u32,
     pub rev_nat_id: u32,
 }
-const _: () = assert!(core::mem::size_of::<SockRev<Ip4>>() == 12);
-const _: () = assert!(core::mem::size_of::<SockRev<Ip6>>() == 24);
+const _: () = assert!(core::mem::size_of::<SockLbEntry<Ip4>>() == 20);
+const _: () = assert!(core::mem::size_of::<SockLbEntry<Ip6>>() == 44);
 
-/// The backend an unconnected UDP socket's datagrams to one frontend go to (value of
-/// [`SOCK_FWD4_MAP`], keyed by [`SockRevKey`] with the frontend as address).
+/// How many Services one socket's state holds. A connected socket (TCP, connected UDP) needs
+/// one; an unconnected UDP socket needs one per Service it has datagrams in flight with. A
+/// power of two, so that the FIFO index is a mask the verifier can bound.
+pub const SOCK_LB_SLOTS: usize = 4;
+const _: () = assert!(SOCK_LB_SLOTS.is_power_of_two());
+
+/// The socket-LB state of one socket: the value of the socket-local storage [`SOCK_LB4_MAP`]
+/// (`BPF_MAP_TYPE_SK_STORAGE`). The kernel creates it on the socket's first rewrite and frees it
+/// with the socket, so it can neither fill up nor outlive (or be evicted from under) its socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SockFwd<A> {
-    pub addr: A,
-    pub port_be: u16,
-    pub _pad: [u8; 2],
-    pub backend_id: u32,
+pub struct SockLbState<A> {
+    pub slots: [SockLbEntry<A>; SOCK_LB_SLOTS],
+    /// The slot a new frontend takes when none is free (first in, first out).
+    pub next: u32,
 }
-const _: () = assert!(core::mem::size_of::<SockFwd<Ip4>>() == 12);
-const _: () = assert!(core::mem::size_of::<SockFwd<Ip6>>() == 24);
+const _: () = assert!(core::mem::size_of::<SockLbState<Ip4>>() == 84);
+const _: () = assert!(core::mem::size_of::<SockLbState<Ip6>>() == 180);
+
+impl<A: Copy + PartialEq> SockLbState<A> {
+    /// The entry for datagrams to this frontend.
+    #[inline(always)]
+    pub fn by_frontend(&self, addr: A, port_be: u16) -> Option<SockLbEntry<A>> {
+        self.slots
+            .iter()
+            .find(|e| e.backend_id != 0 && e.frontend == addr && e.frontend_port_be == port_be)
+            .copied()
+    }
+
+    /// The entry whose backend is `addr:port_be`: what a reply from it, or the peer of a
+    /// connected socket, is shown as.
+    #[inline(always)]
+    pub fn by_backend(&self, addr: A, port_be: u16) -> Option<SockLbEntry<A>> {
+        self.slots.iter().find(|e| e.backend_id != 0 && e.backend == addr && e.backend_port_be == port_be).copied()
+    }
+
+    /// Records `entry` (its `backend_id` must not be 0): in the slot that already has its
+    /// frontend, else in a free slot, else in the next slot in turn (round robin: the oldest while
+    /// no slot was freed in between). Any other slot with the same
+    /// backend is freed: a backend address can be shown as one frontend only, the latest (as
+    /// one socket's connect or datagram to it last asked for).
+    #[inline(always)]
+    pub fn record(&mut self, entry: SockLbEntry<A>) {
+        let mut same = SOCK_LB_SLOTS;
+        let mut free = SOCK_LB_SLOTS;
+        for (i, e) in self.slots.iter().enumerate() {
+            if e.backend_id == 0 {
+                if free == SOCK_LB_SLOTS {
+                    free = i;
+                }
+            } else if e.frontend == entry.frontend && e.frontend_port_be == entry.frontend_port_be {
+                same = i;
+            }
+        }
+        let at = if same < SOCK_LB_SLOTS {
+            same
+        } else if free < SOCK_LB_SLOTS {
+            free
+        } else {
+            let oldest = self.next as usize & (SOCK_LB_SLOTS - 1);
+            self.next = (oldest as u32 + 1) & (SOCK_LB_SLOTS as u32 - 1);
+            oldest
+        };
+        for (i, e) in self.slots.iter_mut().enumerate() {
+            if i != at && e.backend_id != 0 && e.backend == entry.backend && e.backend_port_be == entry.backend_port_be {
+                *e = SockLbEntry { backend_id: 0, ..*e };
+            }
+        }
+        // The mask is for the verifier's sake: `at` is below SOCK_LB_SLOTS on every path.
+        self.slots[at & (SOCK_LB_SLOTS - 1)] = entry;
+    }
+}
 
 /// Splits a 64-bit cookie into the two words the map keys carry.
 pub const fn cookie_words(cookie: u64) -> [u32; 2] {
@@ -199,7 +250,6 @@ pub const BACKENDS_ARRAY_LEN: u32 = BACKENDS_MAX + 1;
 pub const REV_NAT_MAX: u32 = 262_144;
 /// Per-service counters are an array indexed by rev-NAT id, so ids must stay below this.
 pub const SERVICE_STATS_MAX: u32 = 262_144;
-pub const SOCK_REV_MAX: u32 = 65_536;
 
 pub const FRONTENDS4_MAP: &str = "lb4_fe_v1";
 pub const SLOTS4_MAP: &str = "lb4_slots_v1";
@@ -207,11 +257,11 @@ pub const SLOTS4_MAP: &str = "lb4_slots_v1";
 /// as the other).
 pub const BACKENDS4_MAP: &str = "lb4_be_v2";
 pub const REV_NAT4_MAP: &str = "lb4_revnat_v1";
-pub const SOCK_REV4_MAP: &str = "lb4_sknat_v1";
-/// [`SockRevKey`] (socket cookie, frontend) -> [`SockFwd`]: the backend that socket's datagrams
-/// go to, so that an unconnected UDP socket's `sendmsg` calls stick to one backend (as
-/// kube-proxy's conntrack keeps a UDP flow on one backend).
-pub const SOCK_FWD4_MAP: &str = "lb4_skfwd_v1";
+/// Socket-local storage (socket -> [`SockLbState`]): what `recvmsg`/`getpeername` show instead of
+/// the backend, and the backend an unconnected UDP socket's datagrams to a frontend stick to (as
+/// kube-proxy's conntrack keeps a UDP flow on one backend). It replaces the LRU hash maps
+/// `lb4_sknat_v1` and `lb4_skfwd_v1` keyed by socket cookie, which were never cleaned.
+pub const SOCK_LB4_MAP: &str = "lb4_sklb_v1";
 /// Per-CPU array of [`crate::metrics::Counter`] indexed by rev-NAT id (family-independent).
 pub const SERVICE_STATS_MAP: &str = "lb_svc_stats_v1";
 
@@ -224,10 +274,53 @@ crate::impl_pod!(
     Backend<Ip6>,
     RevNat<Ip4>,
     RevNat<Ip6>,
-    SockRevKey<Ip4>,
-    SockRevKey<Ip6>,
-    SockRev<Ip4>,
-    SockRev<Ip6>,
-    SockFwd<Ip4>,
-    SockFwd<Ip6>,
+    SockLbEntry<Ip4>,
+    SockLbEntry<Ip6>,
+    SockLbState<Ip4>,
+    SockLbState<Ip6>,
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(fe: u32, be: u32, id: u32) -> SockLbEntry<Ip4> {
+        SockLbEntry { frontend: fe, backend: be, frontend_port_be: 80, backend_port_be: 8080, backend_id: id, rev_nat_id: fe }
+    }
+
+    #[test]
+    fn a_socket_state_finds_its_entries_both_ways() {
+        let mut st = SockLbState::<Ip4>::default();
+        assert_eq!(st.by_backend(0, 0), None, "a free slot matches nothing, not even the all-zero address");
+        st.record(entry(1, 11, 7));
+        st.record(entry(2, 12, 8));
+        assert_eq!(st.by_frontend(1, 80), Some(entry(1, 11, 7)));
+        assert_eq!(st.by_backend(12, 8080), Some(entry(2, 12, 8)));
+        assert_eq!(st.by_backend(12, 8081), None, "the port is part of the match");
+        // A frontend balanced anew replaces its own slot.
+        st.record(entry(1, 13, 9));
+        assert_eq!(st.by_frontend(1, 80), Some(entry(1, 13, 9)));
+        assert_eq!(st.by_backend(11, 8080), None);
+        assert_eq!(st.slots.iter().filter(|e| e.backend_id != 0).count(), 2);
+    }
+
+    #[test]
+    fn a_full_socket_state_replaces_the_oldest_and_a_backend_shows_one_frontend() {
+        let mut st = SockLbState::<Ip4>::default();
+        for fe in 1..=SOCK_LB_SLOTS as u32 {
+            st.record(entry(fe, 10 + fe, fe));
+        }
+        st.record(entry(9, 19, 9));
+        assert_eq!(st.by_frontend(1, 80), None, "the first in went first");
+        for fe in [2, 3, 4, 9] {
+            assert!(st.by_frontend(fe, 80).is_some(), "{fe}");
+        }
+        st.record(entry(10, 20, 10));
+        assert_eq!(st.by_frontend(2, 80), None, "then the second");
+        // Two frontends reaching the same backend: the backend shows the latest one.
+        st.record(entry(3, 20, 11));
+        assert_eq!(st.by_backend(20, 8080).map(|e| e.frontend), Some(3));
+        assert_eq!(st.by_frontend(10, 80), None, "the older frontend's slot was freed");
+        assert!(st.next < SOCK_LB_SLOTS as u32);
+    }
+}

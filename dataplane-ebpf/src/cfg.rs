@@ -1,5 +1,6 @@
 //! Load-time configuration, set by the loader through `EbpfLoader::set_global` (not compile-time
-//! features): the node's addresses, the NodePort range and the hairpin SNAT address.
+//! features): the node's addresses, the NodePort range, the hairpin SNAT address and the
+//! conntrack lifetimes.
 //!
 //! Every read goes through `read_volatile` so the compiler cannot fold the defaults below into
 //! the code: the loader rewrites them in the object's data before the programs are loaded.
@@ -18,6 +19,16 @@ static NODEPORT_MAX: u16 = 32767;
 /// pod must not see its own address as the source, which the stack drops as martian.
 #[unsafe(no_mangle)]
 static HAIRPIN_SNAT_IP: u32 = 0;
+
+/// Conntrack lifetimes in seconds (`dataplane_common::ct::CtLifetimes`; defaults as there).
+#[unsafe(no_mangle)]
+static CT_LIFETIME_TCP_SYN_S: u32 = 60;
+#[unsafe(no_mangle)]
+static CT_LIFETIME_TCP_ESTABLISHED_S: u32 = 21_600;
+#[unsafe(no_mangle)]
+static CT_LIFETIME_TCP_CLOSE_S: u32 = 10;
+#[unsafe(no_mangle)]
+static CT_LIFETIME_OTHER_S: u32 = 60;
 
 pub const NODE_IPS_MAX: usize = 4;
 
@@ -58,4 +69,15 @@ pub fn in_nodeport_range(port_be: u16) -> bool {
 #[inline(always)]
 pub fn hairpin_snat_ip() -> u32 {
     read(&HAIRPIN_SNAT_IP)
+}
+
+/// The conntrack lifetimes the agent configured.
+#[inline(always)]
+pub fn ct_lifetimes() -> dataplane_common::ct::CtLifetimes {
+    dataplane_common::ct::CtLifetimes {
+        tcp_syn_s: read(&CT_LIFETIME_TCP_SYN_S),
+        tcp_established_s: read(&CT_LIFETIME_TCP_ESTABLISHED_S),
+        tcp_close_s: read(&CT_LIFETIME_TCP_CLOSE_S),
+        other_s: read(&CT_LIFETIME_OTHER_S),
+    }
 }

@@ -7,6 +7,7 @@
 
 mod cfg;
 mod csum;
+mod ct;
 mod fib;
 mod lb;
 mod maps;

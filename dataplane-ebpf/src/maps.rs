@@ -5,7 +5,8 @@
 //! its own `lb6_*` statics and an `impl Family for V6` block.
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use dataplane_common::{
@@ -13,7 +14,7 @@ use dataplane_common::{
     ct::{CT_MAX, CtEntry, CtKey},
     lb::{
         BACKENDS_ARRAY_LEN, Backend, FRONTENDS_MAX, FrontendKey, Ip4, REV_NAT_MAX, RevNat, SERVICE_STATS_MAX, SLOTS_MAX,
-        SOCK_REV_MAX, Service, SlotKey, SockFwd, SockRev, SockRevKey,
+        Service, SlotKey, SockLbState,
     },
     metrics::Counter,
 };
@@ -28,14 +29,14 @@ static SLOTS4: HashMap<SlotKey, u32> = HashMap::with_max_entries(SLOTS_MAX, BPF_
 static BACKENDS4: Array<Backend<Ip4>> = Array::with_max_entries(BACKENDS_ARRAY_LEN, 0);
 #[map(name = "lb4_revnat_v1")]
 static REV_NAT4: HashMap<u32, RevNat<Ip4>> = HashMap::with_max_entries(REV_NAT_MAX, BPF_F_NO_PREALLOC);
-#[map(name = "ct4_v2")]
+#[map(name = "ct4_v3")]
 static CT4: LruHashMap<CtKey<Ip4>, CtEntry<Ip4>> = LruHashMap::with_max_entries(CT_MAX, 0);
-#[map(name = "lb4_affin_v1")]
+#[map(name = "lb4_affin_v2")]
 static AFFINITY4: LruHashMap<AffinityKey<Ip4>, AffinityValue> = LruHashMap::with_max_entries(AFFINITY_MAX, 0);
-#[map(name = "lb4_sknat_v1")]
-static SOCK_REV4: LruHashMap<SockRevKey<Ip4>, SockRev<Ip4>> = LruHashMap::with_max_entries(SOCK_REV_MAX, 0);
-#[map(name = "lb4_skfwd_v1")]
-static SOCK_FWD4: LruHashMap<SockRevKey<Ip4>, SockFwd<Ip4>> = LruHashMap::with_max_entries(SOCK_REV_MAX, 0);
+/// Socket-local storage: one [`SockLbState`] per socket the socket LB rewrote, freed with the
+/// socket. A BTF-defined map: the kernel needs the value's BTF type for `SK_STORAGE`.
+#[btf_map(name = "lb4_sklb_v1")]
+static SOCK_LB4: SkStorage<SockLbState<Ip4>> = SkStorage::new();
 
 /// Per-service packets/bytes, indexed by rev-NAT id. Pinned, so counters survive an agent restart.
 #[map(name = "lb_svc_stats_v1")]
@@ -49,8 +50,7 @@ pub trait Family {
     fn rev_nat() -> &'static HashMap<u32, RevNat<Self::Addr>>;
     fn ct() -> &'static LruHashMap<CtKey<Self::Addr>, CtEntry<Self::Addr>>;
     fn affinity() -> &'static LruHashMap<AffinityKey<Self::Addr>, AffinityValue>;
-    fn sock_rev() -> &'static LruHashMap<SockRevKey<Self::Addr>, SockRev<Self::Addr>>;
-    fn sock_fwd() -> &'static LruHashMap<SockRevKey<Self::Addr>, SockFwd<Self::Addr>>;
+    fn sock_lb() -> &'static SkStorage<SockLbState<Self::Addr>>;
 }
 
 pub struct V4;
@@ -82,12 +82,8 @@ impl Family for V4 {
         &AFFINITY4
     }
     #[inline(always)]
-    fn sock_rev() -> &'static LruHashMap<SockRevKey<Ip4>, SockRev<Ip4>> {
-        &SOCK_REV4
-    }
-    #[inline(always)]
-    fn sock_fwd() -> &'static LruHashMap<SockRevKey<Ip4>, SockFwd<Ip4>> {
-        &SOCK_FWD4
+    fn sock_lb() -> &'static SkStorage<SockLbState<Ip4>> {
+        &SOCK_LB4
     }
 }
 

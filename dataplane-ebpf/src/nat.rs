@@ -9,7 +9,7 @@ use dataplane_common::{
 };
 
 use crate::{
-    cfg,
+    cfg, ct,
     csum::{IP_DADDR_OFF, IP_SADDR_OFF, L4Csum, Rewrite},
     lb,
     maps::{Family, V4, count_service},
@@ -94,10 +94,11 @@ pub fn handle<P: Rewrite>(p: &P, m: &Ipv4Meta, origin: Origin, len: u64) -> Resu
         return Ok(Outcome::Untouched);
     }
     // One lookup of the packet's own tuple answers both questions (the entry says which side
-    // of its flow the tuple is), so a request does not first miss on a reply key.
+    // of its flow the tuple is), so a request does not first miss on a reply key. An expired
+    // entry counts as absent (`ct::lookup`).
     let fkey = ct_key(m.saddr_be, m.daddr_be, m.sport_be, m.dport_be, m.proto);
-    // SAFETY: entries are copied out at once.
-    if let Some(e) = unsafe { V4::ct().get(&fkey).copied() } {
+    let now = ct::now_s();
+    if let Some((ptr, e)) = ct::lookup::<V4>(&fkey, now, m.tcp_flags) {
         if e.dir == CT_REPLY {
             // 1. A reply of a translated flow: restore the frontend as source (and the client
             //    as destination when the request was SNATed).
@@ -108,14 +109,17 @@ pub fn handle<P: Rewrite>(p: &P, m: &Ipv4Meta, origin: Origin, len: u64) -> Resu
             if e.flags & CT_FLAG_SNAT != 0 {
                 set_dst(p, m, e.orig_addr, e.orig_port_be)?;
             }
+            ct::touch::<V4>(ptr, &e, m.proto, m.tcp_flags, now);
             count_service(e.rev_nat_id, len);
             return Ok(if e.flags & CT_FLAG_EXTERNAL != 0 { Outcome::Forward } else { Outcome::Translated });
         }
         // 2. A known connection keeps its backend, as long as that backend still exists; a
         //    removed one is re-selected below and its entry overwritten.
         if lb::still_there::<V4>(e.backend_id, e.nat_addr, e.nat_port_be) {
+            let out = apply_forward(p, m, &e)?;
+            ct::touch::<V4>(ptr, &e, m.proto, m.tcp_flags, now);
             count_service(e.rev_nat_id, len);
-            return apply_forward(p, m, &e);
+            return Ok(out);
         }
     }
     // 3. A new connection to a frontend?
@@ -159,6 +163,7 @@ pub fn handle<P: Rewrite>(p: &P, m: &Ipv4Meta, origin: Origin, len: u64) -> Resu
     // a port allocator (cilium's SNAT map), which this path does not have yet: refuse to create
     // an ambiguous entry rather than hijack the other flow's replies.
     let rkey = ct_key(be.addr, snat_addr, be.port_be, snat_port, m.proto);
+    let (state, expires_s) = cfg::ct_lifetimes().create(m.proto, m.tcp_flags, now);
     let reply = CtEntry {
         nat_addr: m.daddr_be,
         orig_addr: m.saddr_be,
@@ -168,7 +173,9 @@ pub fn handle<P: Rewrite>(p: &P, m: &Ipv4Meta, origin: Origin, len: u64) -> Resu
         rev_nat_id: svc.rev_nat_id,
         flags,
         dir: CT_REPLY,
-        _pad: [0; 2],
+        state,
+        _pad: 0,
+        expires_s,
     };
     let fwd = CtEntry {
         nat_addr: be.addr,
@@ -179,24 +186,31 @@ pub fn handle<P: Rewrite>(p: &P, m: &Ipv4Meta, origin: Origin, len: u64) -> Resu
         rev_nat_id: svc.rev_nat_id,
         flags,
         dir: CT_FORWARD,
-        _pad: [0; 2],
+        state,
+        _pad: 0,
+        expires_s,
     };
     // The reply entry first: once the forward entry exists, a reply may arrive. BPF_NOEXIST
     // makes the common case one map operation; only when the tuple is taken is it looked at.
     if V4::ct().insert(&rkey, &reply, BPF_NOEXIST as u64).is_err() {
         // SAFETY: copied out at once.
         match unsafe { V4::ct().get(&rkey).copied() } {
-            // The same client re-selected (its forward entry was evicted or its backend
-            // changed): refresh the entry. A forward entry with this tuple is another flow.
-            Some(other) if other.dir == CT_REPLY && other.orig_addr == m.saddr_be && other.orig_port_be == m.sport_be => {
+            // The same client re-selected (its forward entry expired, was evicted, or its
+            // backend changed), or an expired flow held the tuple: overwrite it. A live entry
+            // of another flow keeps it. Gone meanwhile (evicted, or deleted by the GC): take it.
+            Some(other)
+                if dataplane_common::ct::expired(other.expires_s, now)
+                    || (other.dir == CT_REPLY && other.orig_addr == m.saddr_be && other.orig_port_be == m.sport_be) =>
+            {
                 V4::ct().insert(&rkey, &reply, 0).map_err(|_| DropReason::MapUpdateFailed)?;
             }
             Some(_) => return Err(DropReason::SnatCollision),
-            None => return Err(DropReason::MapUpdateFailed),
+            None => V4::ct().insert(&rkey, &reply, 0).map_err(|_| DropReason::MapUpdateFailed)?,
         }
     }
-    // Overwrites only a forward entry whose backend is gone: a reply entry with this tuple
-    // would have been found by the lookup above.
+    // Overwrites only a forward entry whose backend is gone, or one that `ct::lookup` counted
+    // as absent (expired, or a closing flow reopened): a live reply entry with this tuple would
+    // have been found by the lookup above.
     V4::ct().insert(&fkey, &fwd, 0).map_err(|_| DropReason::MapUpdateFailed)?;
     count_service(svc.rev_nat_id, len);
     apply_forward(p, m, &fwd)

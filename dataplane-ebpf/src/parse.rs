@@ -89,6 +89,8 @@ pub struct Ipv4Meta {
     /// non-first fragments, which carry no L4 header.
     pub sport_be: u16,
     pub dport_be: u16,
+    /// TCP flags (FIN, SYN, RST, ACK, ...: the header's 14th byte); 0 for other protocols.
+    pub tcp_flags: u8,
     /// A non-first fragment: there is no L4 header to look at.
     pub later_fragment: bool,
     /// Any fragment (more-fragments set, or a non-zero offset). The service path does not
@@ -149,6 +151,7 @@ fn parse_ipv4(w: Window, frame_len: usize) -> Result<Ipv4Meta, DropReason> {
         l4_off,
         sport_be: 0,
         dport_be: 0,
+        tcp_flags: 0,
         later_fragment: frag & IP_OFFSET_MASK != 0,
         fragment: frag & (IP_OFFSET_MASK | IP_MF) != 0,
     };
@@ -160,10 +163,11 @@ fn parse_ipv4(w: Window, frame_len: usize) -> Result<Ipv4Meta, DropReason> {
             // 20 bytes: the fixed TCP header; its data offset must not point inside it.
             let tcp: *const [u8; 20] = ptr_at(w, l4_off).ok_or(DropReason::TruncatedTcp)?;
             // SAFETY: ptr_at checked the bounds.
-            let doff = unsafe { (*tcp)[12] >> 4 } as usize * 4;
+            let (doff, flags) = unsafe { (((*tcp)[12] >> 4) as usize * 4, (*tcp)[13]) };
             if doff < 20 || w.data + l4_off + doff > w.data_end {
                 return Err(DropReason::TruncatedTcp);
             }
+            meta.tcp_flags = flags;
             read_ports(w, l4_off, &mut meta);
         }
         IPPROTO_UDP => {

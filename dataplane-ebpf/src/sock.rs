@@ -1,14 +1,19 @@
 //! Socket-level load balancing (cgroup v2 sock_addr hooks): the destination of a connect/sendmsg
 //! to a frontend is rewritten to a backend once per socket operation, so that traffic needs no
 //! per-packet NAT; recvmsg/getpeername show the frontend again.
+//!
+//! What a rewrite must remember (the frontend a backend is shown as, and for unconnected UDP the
+//! backend a frontend's datagrams stick to) lives in the socket's own local storage
+//! ([`SockLbState`], `BPF_MAP_TYPE_SK_STORAGE`): created on the socket's first rewrite, freed by
+//! the kernel with the socket. Nothing accumulates, nothing is evicted while the socket lives.
 use aya_ebpf::{
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_set_retval},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use dataplane_common::{
     affinity::AffinityKey,
-    lb::{Backend, SockFwd, SockRev, SockRevKey, cookie_words},
+    lb::{Backend, SockLbEntry, SockLbState, cookie_words},
     metrics::{DropReason, Hook, SockLbOp},
 };
 
@@ -76,14 +81,19 @@ fn try_xlate_fwd(ctx: &SockAddrContext, sendmsg: bool) -> Result<(), DropReason>
         }
         None => return Ok(()),
     };
-    // SAFETY: plain helper calls on the context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let be = match sticky_backend(cookie, addr, port_be, sendmsg) {
+    // An unconnected UDP socket that already sends to this frontend keeps its backend. Looked up
+    // without creating: most sockets never get here (connect4 always balances afresh).
+    // SAFETY: the context the kernel passed; its `sk` is a full socket in these hooks.
+    let existing = if sendmsg { unsafe { V4::sock_lb().get_ptr_mut(ctx) } } else { core::ptr::null_mut() };
+    // SAFETY: null or this socket's storage, which lives as long as the socket; the kernel runs
+    // connect4 and sendmsg4 with the socket locked, so no other program writes it meanwhile.
+    let sticky = unsafe { existing.as_ref() }.and_then(|st| sticky_backend(st, addr, port_be));
+    let be = match sticky {
         Some(be) => be,
         None => {
             // Before a socket has a source address the client is its network namespace (cilium
             // does the same for socket-level affinity).
-            // SAFETY: as above.
+            // SAFETY: plain helper call on the context.
             let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
             let client = AffinityKey { netns_cookie: cookie_words(netns), client: 0, rev_nat_id: svc.rev_nat_id };
             let (id, be) = lb::select_backend::<V4>(&svc, client).inspect_err(|_| {
@@ -91,19 +101,28 @@ fn try_xlate_fwd(ctx: &SockAddrContext, sendmsg: bool) -> Result<(), DropReason>
                 // the reason).
                 stats::count_sock_lb(svc.rev_nat_id, SockLbOp::Refused);
             })?;
-            if sendmsg {
-                let key = SockRevKey { cookie: cookie_words(cookie), addr, port_be, _pad: [0; 2] };
-                let fwd = SockFwd { addr: be.addr, port_be: be.port_be, _pad: [0; 2], backend_id: id };
-                // Best effort: without it the next datagram is balanced afresh.
-                let _ = V4::sock_fwd().insert(&key, &fwd, 0);
-            }
+            let state = if existing.is_null() {
+                // Created zero-filled (all slots free) on the socket's first rewrite.
+                // SAFETY: as above.
+                unsafe { V4::sock_lb().get_or_insert_ptr_mut(ctx, None) }
+            } else {
+                existing
+            };
+            // Without the entry recvmsg/getpeername would show the backend: fail rather than lie
+            // (the kernel refuses storage beyond the socket's optmem limit, or on ENOMEM).
+            // SAFETY: as for `existing`.
+            let state = unsafe { state.as_mut() }.ok_or(DropReason::MapUpdateFailed)?;
+            state.record(SockLbEntry {
+                frontend: addr,
+                backend: be.addr,
+                frontend_port_be: port_be,
+                backend_port_be: be.port_be,
+                backend_id: id,
+                rev_nat_id: svc.rev_nat_id,
+            });
             be
         }
     };
-    let key = SockRevKey { cookie: cookie_words(cookie), addr: be.addr, port_be: be.port_be, _pad: [0; 2] };
-    let rev = SockRev { addr, port_be, _pad: [0; 2], rev_nat_id: svc.rev_nat_id };
-    // Without this entry recvmsg/getpeername would show the backend: fail rather than lie.
-    V4::sock_rev().insert(&key, &rev, 0).map_err(|_| DropReason::MapUpdateFailed)?;
     // SAFETY: user_ip4/user_port are writable in connect4/sendmsg4.
     unsafe {
         (*sa).user_ip4 = be.addr;
@@ -113,34 +132,32 @@ fn try_xlate_fwd(ctx: &SockAddrContext, sendmsg: bool) -> Result<(), DropReason>
     Ok(())
 }
 
-/// The backend an unconnected UDP socket already sends this frontend's datagrams to, while that
-/// backend still exists at the same address.
+/// The backend this socket already sends this frontend's datagrams to, while that backend still
+/// exists at the same address.
 #[inline(always)]
-fn sticky_backend(cookie: u64, addr: u32, port_be: u16, sendmsg: bool) -> Option<Backend<u32>> {
-    if !sendmsg {
-        return None;
-    }
-    let key = SockRevKey { cookie: cookie_words(cookie), addr, port_be, _pad: [0; 2] };
-    // SAFETY: copied out at once.
-    let fwd = unsafe { V4::sock_fwd().get(&key).copied() }?;
-    let id = fwd.backend_id;
-    let be = lb::backend::<V4>(id)?;
-    (be.addr == fwd.addr && be.port_be == fwd.port_be).then_some(be)
+fn sticky_backend(state: &SockLbState<u32>, addr: u32, port_be: u16) -> Option<Backend<u32>> {
+    let e = state.by_frontend(addr, port_be)?;
+    let be = lb::backend::<V4>(e.backend_id)?;
+    (be.addr == e.backend && be.port_be == e.backend_port_be).then_some(be)
 }
 
 #[inline(always)]
 fn xlate_rev(ctx: &SockAddrContext, hook: Hook) -> i32 {
     stats::count_hook(hook, 0);
     let sa = ctx.sock_addr;
-    // SAFETY: plain helper call; fields readable in recvmsg4/getpeername4.
-    let (cookie, addr, port_be) = unsafe { (bpf_get_socket_cookie(sa.cast()), (*sa).user_ip4, (*sa).user_port as u16) };
-    let key = SockRevKey { cookie: cookie_words(cookie), addr, port_be, _pad: [0; 2] };
-    // SAFETY: copied out at once.
-    if let Some(rev) = unsafe { V4::sock_rev().get(&key).copied() } {
-        // SAFETY: user_ip4/user_port are writable in recvmsg4/getpeername4.
-        unsafe {
-            (*sa).user_ip4 = rev.addr;
-            (*sa).user_port = rev.port_be as u32;
+    // Only sockets the socket LB rewrote have state; for the others this is one pointer check.
+    // SAFETY: the context the kernel passed; its `sk` is a full socket in these hooks.
+    let state = unsafe { V4::sock_lb().get_ptr_mut(ctx) };
+    // SAFETY: null or this socket's storage (see `try_xlate_fwd`); the matching entry is copied out.
+    if let Some(state) = unsafe { state.as_ref() } {
+        // SAFETY: fields readable in recvmsg4/getpeername4.
+        let (addr, port_be) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
+        if let Some(e) = state.by_backend(addr, port_be) {
+            // SAFETY: user_ip4/user_port are writable in recvmsg4/getpeername4.
+            unsafe {
+                (*sa).user_ip4 = e.frontend;
+                (*sa).user_port = e.frontend_port_be as u32;
+            }
         }
     }
     // These hooks must return 1: they rewrite, they cannot refuse.

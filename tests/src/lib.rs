@@ -16,6 +16,8 @@ pub mod netns;
 pub mod packet;
 pub mod prog_run;
 pub mod scratch;
+pub mod sock_diag;
+pub mod sockets;
 pub mod sweep;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -14,6 +14,10 @@ pub enum L4 {
     TcpSyn { sport: u16, dport: u16, seq: u32 },
     /// A pure ACK.
     TcpAck { sport: u16, dport: u16, seq: u32, ack: u32 },
+    /// A FIN with ACK (a side closing its half).
+    TcpFin { sport: u16, dport: u16, seq: u32, ack: u32 },
+    /// A RST (no ACK).
+    TcpRst { sport: u16, dport: u16, seq: u32 },
     IcmpEcho { id: u16, seq: u16 },
 }
 
@@ -23,6 +27,8 @@ fn finish(builder: etherparse::PacketBuilderStep<etherparse::IpHeaders>, l4: L4,
         L4::Udp { sport, dport } => builder.udp(sport, dport).write(&mut out, payload),
         L4::TcpSyn { sport, dport, seq } => builder.tcp(sport, dport, seq, 64240).syn().write(&mut out, payload),
         L4::TcpAck { sport, dport, seq, ack } => builder.tcp(sport, dport, seq, 64240).ack(ack).write(&mut out, payload),
+        L4::TcpFin { sport, dport, seq, ack } => builder.tcp(sport, dport, seq, 64240).ack(ack).fin().write(&mut out, payload),
+        L4::TcpRst { sport, dport, seq } => builder.tcp(sport, dport, seq, 0).rst().write(&mut out, payload),
         L4::IcmpEcho { id, seq } => builder.icmpv4_echo_request(id, seq).write(&mut out, payload),
     };
     res.expect("etherparse could not serialise the test packet");

@@ -147,3 +147,33 @@ fn backends_pinned_by_an_older_agent_are_migrated_at_their_ids() {
     assert_eq!(present, vec![3, 7, top]);
     assert_eq!(batched[top as usize].1, raw(9), "values line up with their indexes");
 }
+
+/// An agent upgraded from the socket LB's LRU maps keyed by socket cookie (`lb4_sknat_v1`,
+/// `lb4_skfwd_v1`) unpins them: their state now lives in per-socket storage, which `status`
+/// reports as such rather than as a fill level (it has no capacity, and cannot be enumerated).
+#[test]
+fn the_socket_lb_lru_pins_of_an_older_agent_are_removed_and_socket_storage_is_per_socket() {
+    use dataplane_agent::maps::stats::fill_levels;
+    use dataplane_common::lb::SOCK_LB4_MAP;
+
+    if !require_kernel() {
+        return;
+    }
+    let pins = PinDir::new();
+    for name in loader::OBSOLETE_PINS {
+        let old: HashMap<aya::maps::MapData, u32, u32> = HashMap::create(16, 0).unwrap();
+        old.pin(pins.path().join(name)).unwrap();
+    }
+    let ebpf = loader::load(Some(pins.path())).expect("load");
+    for name in loader::OBSOLETE_PINS {
+        assert!(!pins.path().join(name).exists(), "{name} is unpinned");
+    }
+    assert!(matches!(ebpf.map(SOCK_LB4_MAP), Some(aya::maps::Map::SkStorage(_))), "{SOCK_LB4_MAP} is socket storage");
+    drop(ebpf);
+    let rows = fill_levels(pins.path(), &loader::PINNED_MAPS);
+    let row = rows.iter().find(|r| r.name == SOCK_LB4_MAP).unwrap();
+    assert!(row.per_socket && row.error.is_none(), "{row:?}");
+    assert_eq!((row.entries, row.max_entries, row.percent), (None, None, None), "no fill level: {row:?}");
+    assert_eq!(row.map_type.as_deref(), Some("SkStorage"));
+    assert!(rows.iter().all(|r| r.error.is_none()), "every pinned map reads: {rows:#?}");
+}

@@ -1,7 +1,11 @@
 //! The BPF_PROG_RUN fixture table over every per-packet service path (XDP on the uplink, TC on a
 //! pod's veth): each row seeds fresh maps, runs one frame, and checks the verdict, every output
 //! byte (with checksums recomputed by etherparse), the drop counter, and the conntrack, affinity
-//! and per-service counter state afterwards.
+//! and per-service counter state afterwards, with every entry's expiry.
+//!
+//! Time: entries expire in kernel CLOCK_MONOTONIC seconds (what `bpf_ktime_get_ns` counts), so
+//! rows seed expiries relative to `now_s()` (the same clock, read in user space) and check the
+//! expiries the run wrote against the clock read just before and after it.
 //!
 //! The table runs inside a test namespace: XDP's FIB lookup for SNATed and reply traffic uses
 //! that namespace's routes and permanent neighbours, so the rewritten MACs are known.
@@ -25,7 +29,10 @@ use dataplane_agent::{
 };
 use dataplane_common::{
     affinity::{AffinityKey, AffinityValue},
-    ct::{CT_FLAG_EXTERNAL, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY, CtEntry, CtKey},
+    ct::{
+        CT_FLAG_EXTERNAL, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY, CT_STATE_ESTABLISHED, CT_STATE_FIN_FWD, CT_STATE_FIN_REV,
+        CT_STATE_RST, CtEntry, CtKey, CtLifetimes,
+    },
     lb::{SERVICE_STATS_MAP, SVC_FLAG_EXT_LOCAL, ServiceKind},
     metrics::{Counter, DROPS_MAP, DropReason},
 };
@@ -71,14 +78,23 @@ enum Prog {
 
 #[derive(Clone, Copy)]
 enum Kind {
+    /// A TCP SYN.
     Tcp,
     Udp,
+    /// TCP: a pure ACK, a FIN (with ACK), a RST.
+    Ack,
+    Fin,
+    Rst,
 }
 
 fn frame(kind: Kind, src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
+    let (sport, dport) = (src.port(), dst.port());
     let l4 = match kind {
-        Kind::Tcp => L4::TcpSyn { sport: src.port(), dport: dst.port(), seq: 7 },
-        Kind::Udp => L4::Udp { sport: src.port(), dport: dst.port() },
+        Kind::Tcp => L4::TcpSyn { sport, dport, seq: 7 },
+        Kind::Udp => L4::Udp { sport, dport },
+        Kind::Ack => L4::TcpAck { sport, dport, seq: 8, ack: 9 },
+        Kind::Fin => L4::TcpFin { sport, dport, seq: 8, ack: 9 },
+        Kind::Rst => L4::TcpRst { sport, dport, seq: 8 },
     };
     packet::ipv4(*src.ip(), *dst.ip(), l4, b"payload")
 }
@@ -103,7 +119,24 @@ fn ct(reply: bool, src: SocketAddrV4, dst: SocketAddrV4, proto: Proto, nat: Sock
         rev_nat_id,
         snat: flags & CT_FLAG_SNAT != 0,
         external: flags & CT_FLAG_EXTERNAL != 0,
+        state: 0,
+        expires_s: 0,
     }
+}
+
+/// `f` in TCP state `state` (`CT_STATE_*` bits).
+fn st(f: CtFlow, state: u8) -> CtFlow {
+    CtFlow { state, ..f }
+}
+
+/// `f` in `state`, expiring `offset` seconds from now (negative: already expired), for seeding.
+fn aged(f: CtFlow, state: u8, offset: i64) -> CtFlow {
+    CtFlow { state, expires_s: (i64::from(now_s()) + offset) as u32, ..f }
+}
+
+/// The data path's clock (kernel CLOCK_MONOTONIC seconds), read from user space.
+fn now_s() -> u32 {
+    dataplane_agent::maps::ct::now_s()
 }
 
 fn ct_entry(f: &CtFlow) -> (CtKey<u32>, CtEntry<u32>) {
@@ -124,7 +157,11 @@ fn ct_entry(f: &CtFlow) -> (CtKey<u32>, CtEntry<u32>) {
         rev_nat_id: f.rev_nat_id,
         flags: (if f.snat { CT_FLAG_SNAT } else { 0 }) | (if f.external { CT_FLAG_EXTERNAL } else { 0 }),
         dir: if f.reply { CT_REPLY } else { CT_FORWARD },
-        _pad: [0; 2],
+        state: f.state,
+        _pad: 0,
+        // Unless the row says otherwise, a seeded flow is live for an hour: far from any expiry
+        // and, for the lifetimes a packet of the table may give it (60 s, 6 h), from a refresh.
+        expires_s: if f.expires_s == 0 { now_s() + 3600 } else { f.expires_s },
     };
     (k, e)
 }
@@ -138,10 +175,24 @@ struct Maps {
 /// A service with one frontend; rev-NAT id = svc id = `id`.
 #[allow(clippy::too_many_arguments)]
 fn svc(m: &mut Maps, fe: SocketAddrV4, proto: Proto, kind: ServiceKind, flags: u8, affinity_s: u32, id: u32, active: &[u32]) {
+    svc_t(m, fe, proto, kind, flags, affinity_s, id, active, &[]);
+}
+
+/// As [`svc`], with serving-but-terminating backends after the ready ones.
+#[allow(clippy::too_many_arguments)]
+fn svc_t(m: &mut Maps, fe: SocketAddrV4, proto: Proto, kind: ServiceKind, flags: u8, affinity_s: u32, id: u32, active: &[u32], terminating: &[u32]) {
     // NodePort frontends are keyed by address 0, their rev-NAT entry too.
     let key_addr = if kind == ServiceKind::NodePort { SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, fe.port()) } else { fe };
     m.lb.set_rev_nat(id, key_addr).unwrap();
-    let spec = ServiceSpec { svc_id: id, kind, flags, affinity_timeout_s: affinity_s, rev_nat_id: id, active: active.to_vec(), terminating: vec![] };
+    let spec = ServiceSpec {
+        svc_id: id,
+        kind,
+        flags,
+        affinity_timeout_s: affinity_s,
+        rev_nat_id: id,
+        active: active.to_vec(),
+        terminating: terminating.to_vec(),
+    };
     m.lb.upsert_service(&frontend(*key_addr.ip(), key_addr.port(), proto, Scope::External), &spec).unwrap();
 }
 
@@ -153,12 +204,19 @@ fn backends(m: &mut Maps) {
 /// The client pod itself as a backend (hairpin).
 const POD_AS_BACKEND: SocketAddrV4 = sa(10, 0, 1, 5, 8080);
 
-fn monotonic_ns() -> u64 {
-    // bpf_ktime_get_ns is CLOCK_MONOTONIC.
-    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid timespec to fill.
-    assert_eq!(unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) }, 0);
-    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+/// An affinity entry for backend `backend_id` found in slot `slot` of service entry `svc_id`,
+/// expiring `offset` seconds from now.
+fn aff(backend_id: u32, svc_id: u32, slot: u32, offset: i64) -> AffinityValue {
+    AffinityValue { backend_id, expires_s: (i64::from(now_s()) + offset) as u32, svc_id, slot }
+}
+
+/// What an entry's expiry must be after the run.
+#[derive(Clone, Copy, Debug)]
+enum Exp {
+    /// As seeded: the run did not write it.
+    Seeded,
+    /// Written by the run: a full lifetime of this many seconds from the run.
+    Full(u32),
 }
 
 fn affinity_key(client: Ipv4Addr, rev_nat_id: u32) -> AffinityKey<u32> {
@@ -174,11 +232,14 @@ struct Row {
     /// `None`: the input unchanged.
     output: Option<Vec<u8>>,
     drop: Option<DropReason>,
-    /// The whole conntrack table afterwards.
+    /// The whole conntrack table afterwards (expiries aside).
     ct: Vec<CtFlow>,
-    /// (client, rev-NAT id) -> backend id expected in the affinity map afterwards, and whether
-    /// its timestamp must have been refreshed by this run.
-    affinity: Option<(Ipv4Addr, u32, u32)>,
+    /// The expiry of each of `ct`'s entries. Empty: entries seeded with the same key are as
+    /// seeded, new ones have the full lifetime of their protocol and state (default lifetimes).
+    expiry: Vec<Exp>,
+    /// (client, rev-NAT id) -> backend id expected in the affinity map afterwards, and its
+    /// expiry.
+    affinity: Option<(Ipv4Addr, u32, u32, Exp)>,
     /// rev-NAT id whose per-service counter must show this packet.
     counted: Option<u32>,
 }
@@ -204,6 +265,7 @@ fn rows() -> Vec<Row> {
                 ct(false, CLIENT, NODEPORT, Proto::Tcp, LOCAL_BE, CLIENT, 1, 10, ext),
                 ct(true, LOCAL_BE, CLIENT, Proto::Tcp, NODEPORT, CLIENT, 1, 10, ext),
             ],
+            expiry: vec![],
             affinity: None,
             counted: Some(10),
         },
@@ -222,6 +284,7 @@ fn rows() -> Vec<Row> {
                 ct(false, CLIENT, NODEPORT, Proto::Tcp, REMOTE_BE, SocketAddrV4::new(NODE, CLIENT.port()), 3, 10, ext | snat),
                 ct(true, REMOTE_BE, SocketAddrV4::new(NODE, CLIENT.port()), Proto::Tcp, NODEPORT, CLIENT, 3, 10, ext | snat),
             ],
+            expiry: vec![],
             affinity: None,
             counted: Some(10),
         },
@@ -240,6 +303,7 @@ fn rows() -> Vec<Row> {
             output: Some(with_macs(frame(Tcp, NODEPORT, CLIENT), GATEWAY_MAC, NODE_MAC)),
             drop: None,
             ct: vec![ct(true, REMOTE_BE, SocketAddrV4::new(NODE, CLIENT.port()), Proto::Tcp, NODEPORT, CLIENT, 3, 10, ext | snat)],
+            expiry: vec![],
             affinity: None,
             counted: Some(10),
         },
@@ -255,6 +319,7 @@ fn rows() -> Vec<Row> {
             output: None,
             drop: Some(DropReason::NoLocalBackend),
             ct: vec![],
+            expiry: vec![],
             affinity: None,
             counted: None,
         },
@@ -273,6 +338,7 @@ fn rows() -> Vec<Row> {
                 ct(false, CLIENT, LB_IP, Proto::Udp, LOCAL_BE, CLIENT, 1, 12, ext),
                 ct(true, LOCAL_BE, CLIENT, Proto::Udp, LB_IP, CLIENT, 1, 12, ext),
             ],
+            expiry: vec![],
             affinity: None,
             counted: Some(12),
         },
@@ -290,11 +356,12 @@ fn rows() -> Vec<Row> {
             output: Some(frame(Tcp, CLIENT, LOCAL_BE)),
             drop: None,
             ct: vec![ct(false, CLIENT, NODEPORT, Proto::Tcp, LOCAL_BE, CLIENT, 1, 10, ext)],
+            expiry: vec![],
             affinity: None,
             counted: Some(10),
         },
         Row {
-            // Conntrack keys carry no direction (ct4_v2): one tuple is one side of one flow.
+            // Conntrack keys carry no direction (since ct4_v2): one tuple is one side of one flow.
             what: "new connection whose reply tuple is another flow's forward tuple: refused, nothing written",
             prog: Prog::Xdp,
             seed: Box::new(move |m| {
@@ -308,17 +375,19 @@ fn rows() -> Vec<Row> {
             output: None,
             drop: Some(DropReason::SnatCollision),
             ct: vec![ct(false, LOCAL_BE, CLIENT, Proto::Tcp, REMOTE_BE, LOCAL_BE, 2, 12, 0)],
+            expiry: vec![],
             affinity: None,
             counted: None,
         },
         Row {
-            what: "affinity hit: the client's fresh entry wins over the slots",
+            // Without the entry the pick would be random, and a new entry written: `Seeded`
+            // fails then, whatever the pick.
+            what: "affinity hit: the client's fresh entry picks its backend, far from expiry it is not rewritten",
             prog: Prog::Xdp,
             seed: Box::new(move |m| {
                 backends(m);
-                svc(m, LB_IP, Proto::Tcp, ServiceKind::LoadBalancer, 0, 100, 13, &[2]);
-                let v = AffinityValue { last_used_ns: monotonic_ns(), backend_id: 1, _pad: 0 };
-                m.aff.insert(affinity_key(*CLIENT.ip(), 13), v).unwrap();
+                svc(m, LB_IP, Proto::Tcp, ServiceKind::LoadBalancer, 0, 100, 13, &[2, 1]);
+                m.aff.insert(affinity_key(*CLIENT.ip(), 13), aff(1, 13, 1, 98)).unwrap();
             }),
             input: frame(Tcp, CLIENT, LB_IP),
             verdict: XDP_PASS,
@@ -328,7 +397,28 @@ fn rows() -> Vec<Row> {
                 ct(false, CLIENT, LB_IP, Proto::Tcp, LOCAL_BE, CLIENT, 1, 13, ext),
                 ct(true, LOCAL_BE, CLIENT, Proto::Tcp, LB_IP, CLIENT, 1, 13, ext),
             ],
-            affinity: Some((*CLIENT.ip(), 13, 1)),
+            expiry: vec![],
+            affinity: Some((*CLIENT.ip(), 13, 1, Exp::Seeded)),
+            counted: Some(13),
+        },
+        Row {
+            what: "affinity hit with less than timeout - 5 s left: the entry gets the Service's full timeout again",
+            prog: Prog::Xdp,
+            seed: Box::new(move |m| {
+                backends(m);
+                svc(m, LB_IP, Proto::Tcp, ServiceKind::LoadBalancer, 0, 100, 13, &[2, 1]);
+                m.aff.insert(affinity_key(*CLIENT.ip(), 13), aff(1, 13, 1, 50)).unwrap();
+            }),
+            input: frame(Tcp, CLIENT, LB_IP),
+            verdict: XDP_PASS,
+            output: Some(frame(Tcp, CLIENT, LOCAL_BE)),
+            drop: None,
+            ct: vec![
+                ct(false, CLIENT, LB_IP, Proto::Tcp, LOCAL_BE, CLIENT, 1, 13, ext),
+                ct(true, LOCAL_BE, CLIENT, Proto::Tcp, LB_IP, CLIENT, 1, 13, ext),
+            ],
+            expiry: vec![],
+            affinity: Some((*CLIENT.ip(), 13, 1, Exp::Full(100))),
             counted: Some(13),
         },
         Row {
@@ -337,8 +427,7 @@ fn rows() -> Vec<Row> {
             seed: Box::new(move |m| {
                 backends(m);
                 svc(m, LB_IP, Proto::Tcp, ServiceKind::LoadBalancer, 0, 100, 13, &[2]);
-                let v = AffinityValue { last_used_ns: monotonic_ns() - 200_000_000_000, backend_id: 1, _pad: 0 };
-                m.aff.insert(affinity_key(*CLIENT.ip(), 13), v).unwrap();
+                m.aff.insert(affinity_key(*CLIENT.ip(), 13), aff(2, 13, 0, -1)).unwrap();
             }),
             input: frame(Tcp, CLIENT, LB_IP),
             verdict: XDP_PASS,
@@ -348,7 +437,50 @@ fn rows() -> Vec<Row> {
                 ct(false, CLIENT, LB_IP, Proto::Tcp, LOCAL_BE2, CLIENT, 2, 13, ext),
                 ct(true, LOCAL_BE2, CLIENT, Proto::Tcp, LB_IP, CLIENT, 2, 13, ext),
             ],
-            affinity: Some((*CLIENT.ip(), 13, 2)),
+            expiry: vec![],
+            affinity: Some((*CLIENT.ip(), 13, 2, Exp::Full(100))),
+            counted: Some(13),
+        },
+        Row {
+            // Backend 1 still exists (as another Service's, say); its old slot holds backend 2.
+            what: "affinity to a backend that left the Service: re-selected although the entry is fresh",
+            prog: Prog::Xdp,
+            seed: Box::new(move |m| {
+                backends(m);
+                svc(m, LB_IP, Proto::Tcp, ServiceKind::LoadBalancer, 0, 100, 13, &[2]);
+                m.aff.insert(affinity_key(*CLIENT.ip(), 13), aff(1, 13, 0, 98)).unwrap();
+            }),
+            input: frame(Tcp, CLIENT, LB_IP),
+            verdict: XDP_PASS,
+            output: Some(frame(Tcp, CLIENT, LOCAL_BE2)),
+            drop: None,
+            ct: vec![
+                ct(false, CLIENT, LB_IP, Proto::Tcp, LOCAL_BE2, CLIENT, 2, 13, ext),
+                ct(true, LOCAL_BE2, CLIENT, Proto::Tcp, LB_IP, CLIENT, 2, 13, ext),
+            ],
+            expiry: vec![],
+            affinity: Some((*CLIENT.ip(), 13, 2, Exp::Full(100))),
+            counted: Some(13),
+        },
+        Row {
+            // Slot 1 still holds backend 1, but only slot 0 counts while a backend is ready.
+            what: "affinity to a backend now terminating while another is ready: re-selected",
+            prog: Prog::Xdp,
+            seed: Box::new(move |m| {
+                backends(m);
+                svc_t(m, LB_IP, Proto::Tcp, ServiceKind::LoadBalancer, 0, 100, 13, &[2], &[1]);
+                m.aff.insert(affinity_key(*CLIENT.ip(), 13), aff(1, 13, 1, 98)).unwrap();
+            }),
+            input: frame(Tcp, CLIENT, LB_IP),
+            verdict: XDP_PASS,
+            output: Some(frame(Tcp, CLIENT, LOCAL_BE2)),
+            drop: None,
+            ct: vec![
+                ct(false, CLIENT, LB_IP, Proto::Tcp, LOCAL_BE2, CLIENT, 2, 13, ext),
+                ct(true, LOCAL_BE2, CLIENT, Proto::Tcp, LB_IP, CLIENT, 2, 13, ext),
+            ],
+            expiry: vec![],
+            affinity: Some((*CLIENT.ip(), 13, 2, Exp::Full(100))),
             counted: Some(13),
         },
         Row {
@@ -363,6 +495,7 @@ fn rows() -> Vec<Row> {
             output: None,
             drop: None,
             ct: vec![],
+            expiry: vec![],
             affinity: None,
             counted: None,
         },
@@ -378,6 +511,7 @@ fn rows() -> Vec<Row> {
             output: None,
             drop: None,
             ct: vec![],
+            expiry: vec![],
             affinity: None,
             counted: None,
         },
@@ -396,6 +530,7 @@ fn rows() -> Vec<Row> {
                 ct(false, POD, VIP, Proto::Udp, REMOTE_BE, POD, 3, 1, 0),
                 ct(true, REMOTE_BE, POD, Proto::Udp, VIP, POD, 3, 1, 0),
             ],
+            expiry: vec![],
             affinity: None,
             counted: Some(1),
         },
@@ -413,6 +548,7 @@ fn rows() -> Vec<Row> {
             output: Some(frame(Tcp, VIP, POD)),
             drop: None,
             ct: vec![ct(true, LOCAL_BE, POD, Proto::Tcp, VIP, POD, 1, 1, 0)],
+            expiry: vec![],
             affinity: None,
             counted: Some(1),
         },
@@ -431,6 +567,7 @@ fn rows() -> Vec<Row> {
                 ct(false, POD, VIP, Proto::Tcp, POD_AS_BACKEND, SocketAddrV4::new(HAIRPIN_IP, POD.port()), 4, 1, snat),
                 ct(true, POD_AS_BACKEND, SocketAddrV4::new(HAIRPIN_IP, POD.port()), Proto::Tcp, VIP, POD, 4, 1, snat),
             ],
+            expiry: vec![],
             affinity: None,
             counted: Some(1),
         },
@@ -449,6 +586,7 @@ fn rows() -> Vec<Row> {
             output: Some(frame(Tcp, VIP, POD)),
             drop: None,
             ct: vec![ct(true, POD_AS_BACKEND, SocketAddrV4::new(HAIRPIN_IP, POD.port()), Proto::Tcp, VIP, POD, 4, 1, snat)],
+            expiry: vec![],
             affinity: None,
             counted: Some(1),
         },
@@ -466,6 +604,7 @@ fn rows() -> Vec<Row> {
             output: Some(with_macs(frame(Tcp, NODEPORT, CLIENT), GATEWAY_MAC, NODE_MAC)),
             drop: None,
             ct: vec![ct(true, LOCAL_BE, CLIENT, Proto::Tcp, NODEPORT, CLIENT, 1, 10, ext)],
+            expiry: vec![],
             affinity: None,
             counted: Some(10),
         },
@@ -484,6 +623,7 @@ fn rows() -> Vec<Row> {
                 ct(false, CLIENT, NODEPORT, Proto::Tcp, LOCAL_BE, CLIENT, 1, 10, ext),
                 ct(true, LOCAL_BE, CLIENT, Proto::Tcp, NODEPORT, CLIENT, 1, 10, ext),
             ],
+            expiry: vec![],
             affinity: None,
             counted: Some(10),
         },
@@ -499,6 +639,7 @@ fn rows() -> Vec<Row> {
             output: None,
             drop: None,
             ct: vec![],
+            expiry: vec![],
             affinity: None,
             counted: None,
         },
@@ -514,6 +655,7 @@ fn rows() -> Vec<Row> {
             output: None,
             drop: Some(DropReason::RevNatMissing),
             ct: vec![ct(true, LOCAL_BE, POD, Proto::Tcp, VIP, POD, 1, 99, 0)],
+            expiry: vec![],
             affinity: None,
             counted: None,
         },
@@ -529,10 +671,12 @@ fn rows() -> Vec<Row> {
             output: None,
             drop: Some(DropReason::NoBackend),
             ct: vec![],
+            expiry: vec![],
             affinity: None,
             counted: None,
         },
     ];
+    rows.extend(lifetime_rows());
     // A ClusterIP packet with IP options: the L4 header moves by 4 bytes, the rewrite follows.
     let with_options = |f: Vec<u8>| {
         let mut f = f;
@@ -558,6 +702,7 @@ fn rows() -> Vec<Row> {
             ct(false, POD, VIP, Proto::Tcp, LOCAL_BE, POD, 1, 1, 0),
             ct(true, LOCAL_BE, POD, Proto::Tcp, VIP, POD, 1, 1, 0),
         ],
+        expiry: vec![],
         affinity: None,
         counted: Some(1),
     });
@@ -578,6 +723,7 @@ fn rows() -> Vec<Row> {
             output: None,
             drop: None,
             ct: vec![],
+            expiry: vec![],
             affinity: None,
             counted: None,
         });
@@ -628,12 +774,180 @@ fn rows() -> Vec<Row> {
                 output: None,
                 drop,
                 ct: vec![],
+                expiry: vec![],
                 affinity: None,
                 counted: None,
             });
         }
     }
     rows
+}
+
+/// Conntrack lifetimes: expiry, refresh at a bounded rate, TCP state (handshake, half-close,
+/// close, RST, reopen), on a NodePort flow CLIENT -> LOCAL_BE (backend 1, rev-NAT 10) whose two
+/// entries are seeded with the state and expiry each row needs. Default lifetimes.
+fn lifetime_rows() -> Vec<Row> {
+    use Kind::*;
+    let l = CtLifetimes::default();
+    let (syn, est, close) = (l.tcp_syn_s, l.tcp_established_s, l.tcp_close_s);
+    let ext = CT_FLAG_EXTERNAL;
+    let (e, ff, fr, rst) = (CT_STATE_ESTABLISHED, CT_STATE_FIN_FWD, CT_STATE_FIN_REV, CT_STATE_RST);
+    let fwd = move |be: SocketAddrV4, id: u32| ct(false, CLIENT, NODEPORT, Proto::Tcp, be, CLIENT, id, 10, ext);
+    let rev = move |be: SocketAddrV4, id: u32| ct(true, be, CLIENT, Proto::Tcp, NODEPORT, CLIENT, id, 10, ext);
+    // The flow to LOCAL_BE, both entries in `state`, expiring `offset` s from now; the slots of
+    // the NodePort hold `slots`.
+    let seeded = move |state: u8, offset: i64, slots: &'static [u32]| -> Box<dyn Fn(&mut Maps)> {
+        Box::new(move |m: &mut Maps| {
+            backends(m);
+            svc(m, NODEPORT, Proto::Tcp, ServiceKind::NodePort, 0, 0, 10, slots);
+            for f in [fwd(LOCAL_BE, 1), rev(LOCAL_BE, 1)] {
+                let (k, v) = ct_entry(&aged(f, state, offset));
+                m.ct.insert(k, v).unwrap();
+            }
+        })
+    };
+    // A client packet of the flow, forwarded to LOCAL_BE.
+    let from_client = |kind: Kind| (frame(kind, CLIENT, NODEPORT), XDP_PASS, Some(frame(kind, CLIENT, LOCAL_BE)));
+    let row = |what: &'static str, seed: Box<dyn Fn(&mut Maps)>, (input, verdict, output): (Vec<u8>, u32, Option<Vec<u8>>), ct: Vec<CtFlow>, expiry: Vec<Exp>| Row {
+        what,
+        prog: Prog::Xdp,
+        seed,
+        input,
+        verdict,
+        output,
+        drop: None,
+        // Every row of this helper forwards the packet on the flow.
+        counted: Some(10),
+        ct,
+        expiry,
+        affinity: None,
+    };
+    let both = |state: u8| vec![st(fwd(LOCAL_BE, 1), state), st(rev(LOCAL_BE, 1), state)];
+    let mut rows = vec![
+        // The slots now hold backend 2 only: a new decision shows.
+        row(
+            "expired conntrack entry: counted as absent, the packet is a new connection",
+            seeded(e, -1, &[2]),
+            (frame(Tcp, CLIENT, NODEPORT), XDP_PASS, Some(frame(Tcp, CLIENT, LOCAL_BE2))),
+            vec![fwd(LOCAL_BE2, 2), st(rev(LOCAL_BE, 1), e), rev(LOCAL_BE2, 2)],
+            vec![Exp::Full(syn), Exp::Seeded, Exp::Full(syn)],
+        ),
+        row(
+            "refresh: a busy established flow 100 s from expiry gets its full lifetime again, on both entries",
+            seeded(e, 100, &[1]),
+            from_client(Ack),
+            both(e),
+            vec![Exp::Full(est), Exp::Full(est)],
+        ),
+        row(
+            "no refresh: an established flow within the refresh slack of its full lifetime is not rewritten",
+            seeded(e, i64::from(est) - 2, &[1]),
+            from_client(Ack),
+            both(e),
+            vec![Exp::Seeded, Exp::Seeded],
+        ),
+        row(
+            "handshake done: the first packet without SYN makes both entries established",
+            seeded(0, 55, &[1]),
+            from_client(Ack),
+            both(e),
+            vec![Exp::Full(est), Exp::Full(est)],
+        ),
+        row(
+            "SYN retransmitted within the slack: nothing written",
+            seeded(0, i64::from(syn) - 1, &[1]),
+            from_client(Tcp),
+            both(0),
+            vec![Exp::Seeded, Exp::Seeded],
+        ),
+        row(
+            "FIN from the client alone: half-closed, the flow keeps the established lifetime",
+            seeded(e, 100, &[1]),
+            from_client(Fin),
+            both(e | ff),
+            vec![Exp::Full(est), Exp::Full(est)],
+        ),
+        row(
+            "RST: both entries get the close lifetime at once",
+            seeded(e, 100, &[1]),
+            from_client(Rst),
+            both(e | rst),
+            vec![Exp::Full(close), Exp::Full(close)],
+        ),
+        row(
+            "closing flow: its last packets (an ACK) do not extend it",
+            seeded(e | rst, 3, &[1]),
+            from_client(Ack),
+            both(e | rst),
+            vec![Exp::Seeded, Exp::Seeded],
+        ),
+        row(
+            "a new SYN on a closing flow reopens the tuple: a new decision (slots now hold backend 2)",
+            seeded(e | ff | fr, 8, &[2]),
+            (frame(Tcp, CLIENT, NODEPORT), XDP_PASS, Some(frame(Tcp, CLIENT, LOCAL_BE2))),
+            vec![fwd(LOCAL_BE2, 2), st(rev(LOCAL_BE, 1), e | ff | fr), rev(LOCAL_BE2, 2)],
+            vec![Exp::Full(syn), Exp::Seeded, Exp::Full(syn)],
+        ),
+    ];
+    rows.push(Row {
+        // The reply of a local backend at its veth: the FIN that completes the close also
+        // reaches the forward entry (the flow's two entries live and die together).
+        what: "FIN from the backend after the client's: both entries get the close lifetime",
+        prog: Prog::TcPod,
+        seed: seeded(e | ff, 21_000, &[1]),
+        input: frame(Fin, LOCAL_BE, CLIENT),
+        verdict: TC_ACT_REDIRECT,
+        output: Some(with_macs(frame(Fin, NODEPORT, CLIENT), GATEWAY_MAC, NODE_MAC)),
+        drop: None,
+        ct: both(e | ff | fr),
+        expiry: vec![Exp::Full(close), Exp::Full(close)],
+        affinity: None,
+        counted: Some(10),
+    });
+    rows.push(Row {
+        what: "expired reply entry: counted as absent, the reply passes untranslated",
+        prog: Prog::TcPod,
+        seed: seeded(e, -1, &[1]),
+        input: frame(Ack, LOCAL_BE, CLIENT),
+        verdict: TC_ACT_OK,
+        output: None,
+        drop: None,
+        ct: both(e),
+        expiry: vec![Exp::Seeded, Exp::Seeded],
+        affinity: None,
+        counted: None,
+    });
+    rows.push(Row {
+        // As the collision row of the main table, but the other flow is dead.
+        what: "new connection whose reply tuple is an expired flow's: the dead entry gives way",
+        prog: Prog::Xdp,
+        seed: Box::new(move |m| {
+            backends(m);
+            svc(m, NODEPORT, Proto::Tcp, ServiceKind::NodePort, 0, 0, 10, &[1]);
+            let (k, v) = ct_entry(&aged(ct(false, LOCAL_BE, CLIENT, Proto::Tcp, REMOTE_BE, LOCAL_BE, 2, 12, 0), CT_STATE_ESTABLISHED, -1));
+            m.ct.insert(k, v).unwrap();
+        }),
+        input: frame(Tcp, CLIENT, NODEPORT),
+        verdict: XDP_PASS,
+        output: Some(frame(Tcp, CLIENT, LOCAL_BE)),
+        drop: None,
+        ct: vec![fwd(LOCAL_BE, 1), rev(LOCAL_BE, 1)],
+        expiry: vec![Exp::Full(syn), Exp::Full(syn)],
+        affinity: None,
+        counted: Some(10),
+    });
+    rows
+}
+
+/// An expiry written during a run between `t0` and `t1` (data-path seconds) is `exp`.
+fn check_expiry(what: &str, actual: u32, seeded: Option<u32>, exp: Exp, t0: u32, t1: u32) {
+    match exp {
+        Exp::Seeded => assert_eq!(Some(actual), seeded, "{what}: expiry as seeded (not rewritten)"),
+        Exp::Full(l) => assert!(
+            (t0 + l..=t1 + l).contains(&actual),
+            "{what}: expiry {actual} is not now + {l} s (now was {t0}..={t1}; seeded {seeded:?})"
+        ),
+    }
 }
 
 fn counter(ebpf: &Ebpf, map: &str, index: u32) -> Counter {
@@ -659,12 +973,14 @@ fn check(ebpf: &Ebpf, maps: &mut Maps, row: &Row) {
     (row.seed)(maps);
     let drops_before = all_counters(ebpf, DROPS_MAP, DropReason::ALL.len() as u32);
     let svc_before = row.counted.map(|rev| counter(ebpf, SERVICE_STATS_MAP, rev));
-    let seeded_affinity = row.affinity.and_then(|(c, r, _)| maps.aff.get(&affinity_key(c, r)).unwrap());
-    let before = monotonic_ns();
+    let seeded_affinity = row.affinity.and_then(|(c, r, _, _)| maps.aff.get(&affinity_key(c, r)).unwrap());
+    let seeded_ct = maps.ct.dump().unwrap();
+    let t0 = now_s();
     let out = match row.prog {
         Prog::Xdp => prog_run::run::<Xdp>(ebpf.program(name).unwrap().try_into().unwrap(), &row.input),
         Prog::TcPod | Prog::TcUplink => prog_run::run::<SchedClassifier>(ebpf.program(name).unwrap().try_into().unwrap(), &row.input),
     };
+    let t1 = now_s();
     let what = format!("{:?}: {}", row.prog, row.what);
     assert_eq!(out.verdict, row.verdict, "{what}: verdict");
     let want = row.output.clone().unwrap_or_else(|| row.input.clone());
@@ -676,11 +992,28 @@ fn check(ebpf: &Ebpf, maps: &mut Maps, row: &Row) {
         let n = counter(ebpf, DROPS_MAP, reason as u32).packets - drops_before[reason as usize].packets;
         assert_eq!(n, u64::from(row.drop == Some(reason)), "{what}: drop counter {reason:?}");
     }
-    assert_eq!(maps.ct.dump().unwrap(), row.ct, "{what}: conntrack afterwards");
-    if let Some((client, rev, backend)) = row.affinity {
+    let after = maps.ct.dump().unwrap();
+    let without_expiry: Vec<CtFlow> = after.iter().map(|f| CtFlow { expires_s: 0, ..*f }).collect();
+    assert_eq!(without_expiry, row.ct, "{what}: conntrack afterwards");
+    assert!(row.expiry.is_empty() || row.expiry.len() == row.ct.len(), "{what}: one expiry per entry");
+    let lifetimes = CtLifetimes::default();
+    for (i, f) in after.iter().enumerate() {
+        let seeded = seeded_ct.iter().find(|s| (s.src, s.dst, s.proto) == (f.src, f.dst, f.proto)).map(|s| s.expires_s);
+        let exp = match (row.expiry.get(i), seeded) {
+            (Some(e), _) => *e,
+            (None, Some(_)) => Exp::Seeded,
+            (None, None) => Exp::Full(lifetimes.lifetime(f.proto, f.state)),
+        };
+        check_expiry(&format!("{what}: conntrack entry {i} ({f:?})"), f.expires_s, seeded, exp, t0, t1);
+    }
+    if let Some((client, rev, backend, exp)) = row.affinity {
         let v = maps.aff.get(&affinity_key(client, rev)).unwrap().expect("affinity entry");
         assert_eq!(v.backend_id, backend, "{what}: affinity backend");
-        assert!(v.last_used_ns >= before, "{what}: affinity refreshed ({v:?}, seeded {seeded_affinity:?})");
+        assert_eq!(v.svc_id, rev, "{what}: affinity service entry (svc id = rev-NAT id in this table)");
+        if matches!(exp, Exp::Seeded) {
+            assert_eq!(Some(v), seeded_affinity, "{what}: affinity entry not rewritten");
+        }
+        check_expiry(&format!("{what}: affinity ({v:?}, seeded {seeded_affinity:?})"), v.expires_s, seeded_affinity.map(|s| s.expires_s), exp, t0, t1);
     }
     if let (Some(rev), Some(b)) = (row.counted, svc_before) {
         let c = counter(ebpf, SERVICE_STATS_MAP, rev);

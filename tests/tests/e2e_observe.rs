@@ -115,7 +115,7 @@ fn metrics_and_status_show_service_traffic_socket_lb_drops_and_fill_levels() {
     assert_eq!(fill(&s, "lb4_slots_v1").0, 4);
     assert_eq!(fill(&s, dataplane_common::lb::BACKENDS4_MAP).0, 1);
     assert_eq!(s["status"]["map_frontends"], 8, "the agent's own count agrees");
-    let (ct, ct_max) = fill(&s, "ct4_v2");
+    let (ct, ct_max) = fill(&s, dataplane_common::ct::CT4_MAP);
     assert!(ct >= 2 && ct < ct_max, "conntrack holds the NodePort flows: {ct}/{ct_max}");
     assert!(drops(&s, "no_backend") >= 5);
     let attached: Vec<&str> = s["attached"].as_array().unwrap().iter().filter_map(|a| a["program"].as_str()).collect();

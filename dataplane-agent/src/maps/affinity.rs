@@ -1,11 +1,18 @@
-//! Session affinity entries: read and seed (tests, and restoring state), and clear per service.
+//! Session affinity entries: read and seed (tests, and restoring state), clear per service, and
+//! the garbage collector's sweep.
 use aya::maps::{HashMap, MapData};
 use dataplane_common::{
     affinity::{AFFINITY4_MAP, AffinityKey, AffinityValue},
+    ct::expired,
     lb::Ip4,
 };
 
-use super::{MapsError, Source, clear, is_not_found, op, open};
+use super::{MapsError, Source, batch, clear, is_not_found, op, open};
+
+/// The pinned name of the affinity table before entries carried an expiry and their slot. Its
+/// entries are not carried over (they lack the slot): the loader unpins it, and each client of
+/// an affinity Service is balanced afresh once.
+pub const AFFINITY4_V1_MAP: &str = "lb4_affin_v1";
 
 pub struct AffinityMap {
     map: HashMap<MapData, AffinityKey<Ip4>, AffinityValue>,
@@ -36,6 +43,12 @@ impl AffinityMap {
 
     pub fn clear(&mut self) -> Result<usize, MapsError> {
         clear(&mut self.map, AFFINITY4_MAP)
+    }
+
+    /// Deletes every entry that has expired at `now_s` (no connection refreshed it within its
+    /// Service's timeout); keeps the live ones.
+    pub fn sweep(&mut self, now_s: u32) -> Result<batch::Sweep, MapsError> {
+        batch::sweep_hash(&mut self.map, |_, v| expired(v.expires_s, now_s)).map_err(op("sweep", AFFINITY4_MAP))
     }
 
     /// Drops every entry of one service (when its affinity is turned off or it is deleted).

@@ -10,7 +10,7 @@ use dataplane_common::{
     ct::{CT4_MAP, CtEntry, CtKey},
     lb::{
         BACKENDS4_MAP, Backend, FRONTENDS4_MAP, FrontendKey, Ip4, REV_NAT4_MAP, RevNat, SERVICE_STATS_MAP, SLOTS4_MAP,
-        SOCK_FWD4_MAP, SOCK_REV4_MAP, Service, SlotKey, SockFwd, SockRev, SockRevKey,
+        SOCK_LB4_MAP, Service, SlotKey,
     },
     metrics::{Counter, DROPS_MAP, DropReason, HOOKS_MAP, Hook, SOCK_LB_STATS_MAP, SockLbCounter},
 };
@@ -105,12 +105,17 @@ pub struct MapFill {
     pub map_type: Option<String>,
     pub max_entries: Option<u32>,
     /// Entries in use: keys of a hash map, non-empty slots of an array. `None` for the per-CPU
-    /// counter arrays, whose every slot always exists (their size is fixed; see `max_entries`).
+    /// counter arrays, whose every slot always exists (their size is fixed; see `max_entries`),
+    /// and for per-socket storage (see `per_socket`).
     pub entries: Option<u64>,
     /// `entries / max_entries` in percent, where both are known.
     pub percent: Option<f64>,
     /// Why the map could not be read (no pin, wrong type).
     pub error: Option<String>,
+    /// Socket-local storage ([`PER_SOCKET_MAPS`]): one value per socket, freed with the socket.
+    /// It has no capacity to fill, and user space cannot enumerate it (only look a socket up).
+    #[serde(default)]
+    pub per_socket: bool,
 }
 
 fn percent(entries: Option<u64>, max_entries: Option<u32>) -> Option<f64> {
@@ -146,8 +151,6 @@ fn entry_counter(name: &str) -> Option<Counting> {
         SLOTS4_MAP => count::<SlotKey, u32>,
         BACKENDS4_MAP => count::<u32, Backend<Ip4>>,
         REV_NAT4_MAP => count::<u32, RevNat<Ip4>>,
-        SOCK_REV4_MAP => count::<SockRevKey<Ip4>, SockRev<Ip4>>,
-        SOCK_FWD4_MAP => count::<SockRevKey<Ip4>, SockFwd<Ip4>>,
         CT4_MAP => count::<CtKey<Ip4>, CtEntry<Ip4>>,
         AFFINITY4_MAP => count::<AffinityKey<Ip4>, AffinityValue>,
         _ => return None,
@@ -157,6 +160,9 @@ fn entry_counter(name: &str) -> Option<Counting> {
 /// Per-CPU arrays of counters: fixed size, every slot exists, so they have no fill level.
 pub const COUNTER_ARRAYS: [&str; 4] = [DROPS_MAP, HOOKS_MAP, SERVICE_STATS_MAP, SOCK_LB_STATS_MAP];
 
+/// Socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`): no fill level, reported as per-socket.
+pub const PER_SOCKET_MAPS: [&str; 1] = [SOCK_LB4_MAP];
+
 /// The fill level of each of `names` pinned under `pin_dir`. A map that cannot be read gets its
 /// error in the row; the others are still reported.
 pub fn fill_levels(pin_dir: &Path, names: &[&str]) -> Vec<MapFill> {
@@ -164,7 +170,9 @@ pub fn fill_levels(pin_dir: &Path, names: &[&str]) -> Vec<MapFill> {
 }
 
 fn fill_level(pin_dir: &Path, name: &str) -> MapFill {
-    let mut row = MapFill { name: name.to_owned(), map_type: None, max_entries: None, entries: None, percent: None, error: None };
+    let per_socket = PER_SOCKET_MAPS.contains(&name);
+    let mut row =
+        MapFill { name: name.to_owned(), map_type: None, max_entries: None, entries: None, percent: None, error: None, per_socket };
     let path = pin_dir.join(name);
     let data = match MapData::from_pin(&path) {
         Ok(d) => d,
@@ -177,7 +185,8 @@ fn fill_level(pin_dir: &Path, name: &str) -> MapFill {
         }
     };
     if let Ok(info) = data.info() {
-        row.max_entries = Some(info.max_entries());
+        // Socket storage has max_entries 0: it is not a capacity.
+        row.max_entries = (!per_socket).then(|| info.max_entries());
         row.map_type = info.map_type().ok().map(|t: MapType| format!("{t:?}"));
     }
     let Some(counting) = entry_counter(name) else { return row };
@@ -198,10 +207,11 @@ mod tests {
         // A map added to PINNED_MAPS must be taught to `entry_counter`, else `status` would
         // show it without a fill level.
         for name in crate::loader::PINNED_MAPS {
-            assert!(entry_counter(name).is_some() != COUNTER_ARRAYS.contains(&name), "{name}");
+            let kinds = [entry_counter(name).is_some(), COUNTER_ARRAYS.contains(&name), PER_SOCKET_MAPS.contains(&name)];
+            assert_eq!(kinds.iter().filter(|k| **k).count(), 1, "{name}: {kinds:?}");
         }
-        for name in COUNTER_ARRAYS {
-            assert!(crate::loader::PINNED_MAPS.contains(&name), "{name} is pinned");
+        for name in COUNTER_ARRAYS.iter().chain(&PER_SOCKET_MAPS) {
+            assert!(crate::loader::PINNED_MAPS.contains(name), "{name} is pinned");
         }
     }
 

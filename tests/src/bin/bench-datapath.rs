@@ -6,7 +6,13 @@
 //! - miss:   a new connection (conntrack miss, backend selection, two conntrack inserts, DNAT);
 //! - hit:    the same flow again (conntrack hit, DNAT);
 //! - revnat: the backend's reply (conntrack reply hit, rev-NAT lookup, SNAT back to the frontend,
-//!           FIB lookup and redirect towards the outside client).
+//!   FIB lookup and redirect towards the outside client).
+//!
+//! And the conntrack GC: the time (wall and CPU of the one thread) of one sweep of the agent's
+//! GC (`maps::batch::sweep_hash` with the conntrack map's expiry test) over 1M entries, all live
+//! (what every sweep pays to read the table) and all expired (the worst case: every entry
+//! deleted), in a plain 1M-entry hash map of the conntrack key/value (the pinned table is a
+//! 256k-entry LRU; it is swept full, half expired, too).
 //!
 //! Everything runs inside a test network namespace shaped like a node (an uplink veth with a
 //! default route via a gateway whose neighbour entry is permanent), so the FIB lookup has a
@@ -28,23 +34,42 @@
 //! ~400 ns and the cold lookup ~120-200 ns; with both gone (the lookup made to hit a warm bucket)
 //! the miss is ~250 ns, about 2x the floor. A preallocated plain hash map instead of the LRU
 //! measured the same.
-use std::net::{Ipv4Addr, SocketAddrV4};
+//!
+//! Socket LB (`sock_*` figures): real connect()s through a ClusterIP from a test cgroup in a test
+//! namespace (cgroup sock_addr programs have no BPF_PROG_RUN). A sample is the mean cost of 10k
+//! TCP connections (connect, accepted and closed by the backend, closed with a RST by the client;
+//! the handshake dominates), or of 10k UDP sockets connect()ed and closed (which shows what the
+//! connect4 hook itself costs), each interleaved with as many straight to the backend address
+//! (the programs run but rewrite nothing). Measured when the socket-LB state is empty and again
+//! after 500k more TCP connections: the ratio after/start shows whether a connect pays for the
+//! connections made before it (the per-socket state is freed with each socket; the LRU map it
+//! replaced was full after 65,536 connects, and every later connect evicted an entry).
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
 
 use aya::programs::Xdp;
 use dataplane_agent::{
     loader::{self, Config},
     maps::{
         Source,
+        batch::sweep_hash,
         ct::CtMap,
         lb::{BackendSpec, LbMaps, Proto, Scope, ServiceSpec, frontend},
     },
 };
-use dataplane_common::lb::ServiceKind;
+use dataplane_common::{
+    ct::{CtEntry, CtKey},
+    lb::ServiceKind,
+};
 use dataplane_tests::{
     bench::{Report, median},
+    cgroup::Cgroup,
     netns::{NetNs, Veth},
     packet::{self, L4},
     prog_run,
+    sockets::{closing_listener, short_connections, udp_connects},
 };
 
 const ROUNDS: usize = 7;
@@ -116,8 +141,76 @@ fn main() {
     node.ip(&["addr", "add", "192.168.1.10/24", "dev", "up0"]);
     node.ip(&["neigh", "add", "192.168.1.1", "lladdr", &mac(GATEWAY_MAC), "dev", "up0", "nud", "permanent"]);
     node.ip(&["route", "add", "default", "via", "192.168.1.1", "dev", "up0"]);
-    let report = node.run(measure);
+    let mut report = node.run(measure);
+    sock_connect(&mut report);
     report.finish();
+}
+
+/// Connections per sample, samples per phase, and the connections made between the phases.
+const SOCK_SAMPLE: usize = 10_000;
+const SOCK_ROUNDS: usize = 5;
+const SOCK_CHURN: usize = 500_000;
+
+/// The socket LB's connect() cost at the start and after [`SOCK_CHURN`] connections, against
+/// connections that are not rewritten. Runs the programs on a cgroup of its own, entered by this
+/// process for the duration.
+fn sock_connect(report: &mut Report) {
+    let ns = NetNs::new();
+    let backend = SocketAddrV4::new(Ipv4Addr::new(10, 200, 0, 1), 8080);
+    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
+    ns.ip(&["addr", "add", "10.200.0.1/32", "dev", "lo"]);
+    let mut ebpf = loader::load_with(None, &Config::default()).expect("load");
+    loader::verify_all(&mut ebpf).expect("verify");
+    let mut cgroup = Cgroup::new();
+    loader::attach_sock(&mut ebpf, cgroup.path()).expect("attach the socket programs to the bench cgroup");
+    cgroup.enter();
+    let mut lb = LbMaps::open(Source::Ebpf(&mut ebpf)).expect("service maps");
+    lb.upsert_backend(1, BackendSpec { addr: backend, local: true, terminating: false }).unwrap();
+    lb.set_rev_nat(1, vip).unwrap();
+    let spec = ServiceSpec {
+        svc_id: 1,
+        kind: ServiceKind::ClusterIp,
+        flags: 0,
+        affinity_timeout_s: 0,
+        rev_nat_id: 1,
+        active: vec![1],
+        terminating: vec![],
+    };
+    lb.upsert_service(&frontend(*vip.ip(), vip.port(), Proto::Tcp, Scope::External), &spec).unwrap();
+    let udp = ServiceSpec { svc_id: 2, rev_nat_id: 2, ..spec };
+    lb.set_rev_nat(2, vip).unwrap();
+    lb.upsert_service(&frontend(*vip.ip(), vip.port(), Proto::Udp, Scope::External), &udp).unwrap();
+    closing_listener(&ns, backend);
+    let per_connect = |d: Duration| d.as_nanos() as f64 / SOCK_SAMPLE as f64;
+    // Medians over the rounds of: TCP via the VIP, TCP direct, UDP via the VIP, UDP direct.
+    let phase = || {
+        let mut samples: [Vec<f64>; 4] = Default::default();
+        for _ in 0..SOCK_ROUNDS {
+            samples[0].push(per_connect(short_connections(&ns, vip, SOCK_SAMPLE)));
+            samples[1].push(per_connect(short_connections(&ns, backend, SOCK_SAMPLE)));
+            samples[2].push(per_connect(udp_connects(&ns, vip, SOCK_SAMPLE)));
+            samples[3].push(per_connect(udp_connects(&ns, backend, SOCK_SAMPLE)));
+        }
+        samples.map(|mut s| median(&mut s))
+    };
+    let start = phase();
+    let churn = short_connections(&ns, vip, SOCK_CHURN);
+    let after = phase();
+    report.figure("sock_churn_500k_s", churn.as_secs_f64());
+    for (i, what) in ["tcp_connect", "tcp_connect_direct", "udp_connect", "udp_connect_direct"].iter().enumerate() {
+        report.figure(&format!("sock_{what}_start_ns"), start[i]);
+        report.figure(&format!("sock_{what}_after_500k_ns"), after[i]);
+    }
+    for (i, what) in [(0, "tcp_connect"), (2, "udp_connect")] {
+        report.ratio(&format!("sock_{what}_after_500k_vs_start"), after[i] / start[i]);
+        report.ratio(&format!("sock_{what}_vs_direct"), after[i] / after[i + 1]);
+        // "Does not grow": within the noise between runs (up to ~1.3x here).
+        report.goal(&format!("sock_{what}_after_500k_vs_start"), "<= 1.3");
+    }
+    drop(lb);
+    // Programs detach before the cgroup goes (and this process leaves it).
+    drop(ebpf);
+    drop(cgroup);
 }
 
 fn measure() -> Report {
@@ -165,6 +258,7 @@ fn measure() -> Report {
         report.goal(&format!("miss_{label}_vs_floor"), "<= 2.0");
         report.goal(&format!("hit_{label}_vs_floor"), "<= 1.5");
     }
+    gc_sweeps(&mut report);
     for path in ["floor", "miss", "hit", "revnat"] {
         let one = report.figures[&format!("{path}_1_ns")];
         let big = report.figures[&format!("{path}_100k_ns")];
@@ -173,4 +267,83 @@ fn measure() -> Report {
         report.goal(&format!("{path}_100k_vs_1"), "<= 1.3");
     }
     report
+}
+
+/// CPU time (user + system) this thread has used.
+fn thread_cpu() -> std::time::Duration {
+    // SAFETY: getrusage fills a plain struct.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid rusage to fill.
+    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) }, 0);
+    let tv = |t: libc::timeval| std::time::Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+fn ct_key(i: u32) -> CtKey<u32> {
+    CtKey { saddr: 0x0a00_0000 + i, daddr: 0xc633_6407, sport_be: (1024 + (i & 0x7fff) as u16).to_be(), dport_be: 80u16.to_be(), proto: 6, _pad: [0; 3] }
+}
+
+fn ct_entry(expires_s: u32) -> CtEntry<u32> {
+    CtEntry { nat_addr: 1, orig_addr: 2, nat_port_be: 3, orig_port_be: 4, backend_id: 5, rev_nat_id: 6, flags: 0, dir: 0, state: 1, _pad: 0, expires_s }
+}
+
+/// One GC sweep of `map` at `now`: (wall ms, CPU ms, entries seen, entries deleted).
+fn sweep_once(map: &mut aya::maps::HashMap<aya::maps::MapData, CtKey<u32>, CtEntry<u32>>, now: u32) -> (f64, f64, u64, u64) {
+    let (t, c) = (std::time::Instant::now(), thread_cpu());
+    let s = sweep_hash(map, |_, e| dataplane_common::ct::expired(e.expires_s, now)).expect("sweep");
+    assert!(s.batched, "the batch syscalls work here");
+    ((t.elapsed().as_secs_f64()) * 1e3, (thread_cpu() - c).as_secs_f64() * 1e3, s.seen, s.deleted)
+}
+
+fn gc_sweeps(report: &mut Report) {
+    const N: u32 = 1 << 20;
+    const REPS: usize = 3;
+    let now = dataplane_agent::maps::ct::now_s();
+    let mut map: aya::maps::HashMap<aya::maps::MapData, CtKey<u32>, CtEntry<u32>> =
+        aya::maps::HashMap::create(N, 0).expect("a 1M-entry hash map");
+    let fill = |map: &mut aya::maps::HashMap<_, _, _>, expires: u32| {
+        for i in 0..N {
+            map.insert(ct_key(i), ct_entry(expires), 0).unwrap();
+        }
+    };
+    fill(&mut map, now + 3600);
+    let (mut wall, mut cpu) = (Vec::new(), Vec::new());
+    for _ in 0..REPS {
+        let (w, c, seen, deleted) = sweep_once(&mut map, now);
+        assert_eq!((seen, deleted), (u64::from(N), 0));
+        wall.push(w);
+        cpu.push(c);
+    }
+    report.figure("gc_sweep_1m_live_ms", median(&mut wall));
+    report.figure("gc_sweep_1m_live_cpu_ms", median(&mut cpu));
+    let (mut wall, mut cpu) = (Vec::new(), Vec::new());
+    for _ in 0..REPS {
+        fill(&mut map, now - 1);
+        let (w, c, seen, deleted) = sweep_once(&mut map, now);
+        assert_eq!((seen, deleted), (u64::from(N), u64::from(N)));
+        wall.push(w);
+        cpu.push(c);
+    }
+    report.figure("gc_sweep_1m_expired_ms", median(&mut wall));
+    report.figure("gc_sweep_1m_expired_cpu_ms", median(&mut cpu));
+    report.goal("gc_sweep_1m_expired_cpu_ms", "<= 1000");
+    drop(map);
+
+    // The pinned table itself (LRU, 256k), full, every other entry expired.
+    let cfg = Config::default();
+    let mut ebpf = loader::load_with(None, &cfg).expect("load");
+    let mut ct = CtMap::open(Source::Ebpf(&mut ebpf)).expect("conntrack map");
+    let mut wall = Vec::new();
+    let mut seen_total = 0;
+    for _ in 0..REPS {
+        for i in 0..dataplane_common::ct::CT_MAX {
+            ct.insert(ct_key(i), ct_entry(if i % 2 == 0 { now - 1 } else { now + 3600 })).unwrap();
+        }
+        let t = std::time::Instant::now();
+        let s = ct.sweep(now).expect("sweep");
+        wall.push(t.elapsed().as_secs_f64() * 1e3);
+        seen_total += s.seen;
+    }
+    report.figure("gc_sweep_ct_256k_half_expired_ms", median(&mut wall));
+    report.figure("gc_sweep_ct_256k_entries_seen", (seen_total / REPS as u64) as f64);
 }

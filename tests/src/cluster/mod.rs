@@ -150,7 +150,23 @@ impl Cluster {
     }
 
     /// As [`start`](Self::start) on `source`, reporting each step to `progress` (for the demo).
-    pub fn start_with(nodes: usize, source: Source, mut progress: impl FnMut(&str)) -> Result<Cluster, ClusterError> {
+    pub fn start_with(nodes: usize, source: Source, progress: impl FnMut(&str)) -> Result<Cluster, ClusterError> {
+        Self::start_configured(nodes, source, &[], progress)
+    }
+
+    /// As [`start`](Self::start), with `flags` (name, value) added to every agent's command line
+    /// after the harness's own (e.g. `("--ct-gc-interval", Some("1"))`). They stay in place when
+    /// a test restarts an agent.
+    pub fn start_with_agent_flags(nodes: usize, flags: &[(&'static str, Option<&str>)]) -> Result<Cluster, ClusterError> {
+        Self::start_configured(nodes, Source::SharedApi, flags, |_| {})
+    }
+
+    fn start_configured(
+        nodes: usize,
+        source: Source,
+        agent_flags: &[(&'static str, Option<&str>)],
+        mut progress: impl FnMut(&str),
+    ) -> Result<Cluster, ClusterError> {
         assert!((1..=9).contains(&nodes), "1 to 9 nodes");
         let bins = proc::Binaries::locate()?;
         let dir = TempDir::try_new().map_err(|e| ClusterError::Io { what: "create the cluster's scratch directory".into(), source: e })?;
@@ -211,6 +227,7 @@ impl Cluster {
                 pins: crate::bpffs::PinDir::new(),
                 dir: node_dir,
                 source_flags: cluster.objects.agent_flags(),
+                extra_flags: agent_flags.iter().map(|(f, v)| (*f, v.map(str::to_owned))).collect(),
                 bins: cluster.bins.clone(),
             });
         }

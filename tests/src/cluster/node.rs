@@ -35,6 +35,8 @@ pub struct Node {
     pub dir: PathBuf,
     /// The flags naming the agent's source (kubeconfig and filters, or a manifests directory).
     pub(super) source_flags: Vec<(&'static str, Option<String>)>,
+    /// Flags a test added ([`super::Cluster::start_with_agent_flags`]), after the harness's own.
+    pub(super) extra_flags: Vec<(&'static str, Option<String>)>,
     pub(super) bins: Binaries,
 }
 
@@ -67,6 +69,7 @@ impl Node {
             ("--cgroup-root", s(self.cgroup.path())),
             ("--uplink", Some(UPLINK.into())),
         ]);
+        flags.extend(self.extra_flags.iter().cloned());
         flags
     }
 
